@@ -1,0 +1,439 @@
+"""`LLMEngine`: the request lifecycle around the scheduler and the device engine.
+
+Owns per-request host state: prompt ids, sampling parameters, the n samples' tokens, incremental
+detokenizers and stop strings, logprobs, metrics, and the output deltas handed back from `step()`.
+Each `step()` asks the scheduler for a plan, runs it on the `Engine`, feeds sampled tokens back to the
+scheduler and turns them into `RequestOutput` deltas. Not thread-safe: one thread drives it (the
+offline `LLM` loop or the server's engine loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine import Engine, EngineConfig
+from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.sampling import RowSpec
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import Tokenizer
+from models import CausalLM
+from serving.detokenizer import IncrementalDetokenizer
+from serving.scheduler import Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sample:
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # Not yet returned to the caller:
+    new_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    new_logprobs: list[dict[int, float]] = field(default_factory=list)
+    reported_finish: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class LLMEngine:
+    """Scheduler + device engine + tokenizer, driven one `step()` at a time."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        *,
+        model_name: str = "",
+        seed: int = 0,
+    ):
+        self.model_config = model.cfg
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.engine = Engine(model, config)
+        cfg = self.engine.cfg
+        self.config = cfg
+        self.max_model_len = cfg.max_model_len
+        self.scheduler = Scheduler(
+            num_pages=cfg.num_pages,
+            page_size=cfg.page_size,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=cfg.max_model_len,
+            max_prefill_seqs=cfg.max_prefill_seqs,
+        )
+        self._rng = np.random.default_rng(seed)
+        self._requests: dict[str, _Request] = {}
+        self._seq_index: dict[int, tuple[str, int]] = {}  # seq id -> (request id, sample index)
+        self._aborted: list[_Request] = []
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        dtype: str | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_prefill_seqs: int = 8,
+        max_model_len: int | None = None,
+        kv_memory_fraction: float = 0.85,
+        attention_backend: str = "auto",
+        seed: int = 0,
+    ) -> LLMEngine:
+        """Load a converted model directory (or an HF dir / .gguf, converted on the fly; None is
+        the embedded default model) and size the KV cache."""
+        from jaxserve.checkpoint import load_model
+        from jaxserve.default_model import resolve_model
+
+        path = resolve_model(None if model is None else str(model))
+        jdtype = resolve_dtype(dtype)
+        lm, mcfg = load_model(path, dtype=jdtype)
+        tokenizer = Tokenizer.from_dir(path)
+        max_len = max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len: {max_len} exceeds the model's max_position_embeddings "
+                f"({mcfg.max_position_embeddings})"
+            )
+        config = EngineConfig(
+            page_size=page_size,
+            num_pages=num_pages or 0,
+            kv_memory_fraction=kv_memory_fraction,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
+            max_prefill_seqs=max_prefill_seqs,
+            max_model_len=max_len,
+            attention_backend=attention_backend,
+        )
+        return cls(lm, tokenizer, config, model_name=_model_name(path), seed=seed)
+
+    @classmethod
+    def from_cli_args(cls, args) -> LLMEngine:
+        return cls.from_pretrained(
+            args.model,
+            dtype=args.dtype,
+            page_size=args.page_size,
+            num_pages=args.num_pages,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            kv_memory_fraction=args.kv_memory_fraction,
+            seed=args.seed,
+        )
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request. Raises ValueError("<field>: ...") for anything it cannot serve."""
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - len(ids)
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len})"
+            )
+        eos = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        self.scheduler.add_request(
+            request_id,
+            ids,
+            n=params.n,
+            max_tokens=max_tokens,
+            min_tokens=params.min_tokens,
+            eos_token_ids=eos,
+            stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos,
+        )
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63))
+        samples = [
+            _Sample(
+                index=i,
+                detok=IncrementalDetokenizer(
+                    self.tokenizer,
+                    ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                ),
+            )
+            for i in range(params.n)
+        ]
+        self._requests[request_id] = _Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_ids=ids,
+            params=params,
+            seed=seed,
+            samples=samples,
+            metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+            prompt_logprobs=[None] + [None] * (len(ids) - 1)
+            if params.prompt_logprobs is not None
+            else None,
+        )
+        self.prompt_tokens_total += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort_request(request_id)
+        for s in req.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        self._aborted.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._aborted)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the new tokens/text of every request that advanced."""
+        outputs = [self._output(r) for r in self._aborted]
+        self._aborted = []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        now = time.time()
+        specs, targets = self._row_specs(plan)
+        for row in (*plan.decode, *plan.prefill):
+            req = self._requests[row.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        result = self.engine.execute(plan, specs, targets)
+        updates = self.scheduler.update(plan, result.tokens)
+        for rid, entries in result.prompt_logprobs.items():
+            req = self._requests.get(rid)
+            if req is not None and req.prompt_logprobs is not None:
+                for pos, d in entries:
+                    if pos < len(req.prompt_ids):
+                        req.prompt_logprobs[pos] = d
+        now = time.time()
+        touched: dict[str, _Request] = {}
+        for u in updates:
+            req = self._requests[u.request_id]
+            self._seq_index[u.seq_id] = (u.request_id, u.index)
+            s = req.samples[u.index]
+            s.token_ids.append(u.token_id)
+            s.new_ids.append(u.token_id)
+            self.generation_tokens_total += 1
+            if u.seq_id in result.logprobs:
+                s.new_logprobs.append(result.logprobs[u.seq_id])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            delta = s.detok.add([u.token_id])
+            s.new_text += delta.text
+            if delta.stopped:
+                s.finish_reason, s.stop_reason = "stop", delta.stop_reason
+                if not u.finished:
+                    self.scheduler.finish_seq(u.seq_id, "stop", delta.stop_reason)
+            elif u.finished:
+                s.new_text += s.detok.flush()
+                s.finish_reason, s.stop_reason = u.finish_reason, u.stop_reason
+            if s.finish_reason is not None:
+                self._seq_index.pop(u.seq_id, None)
+            touched[u.request_id] = req
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self._requests[req.request_id]
+        return outputs
+
+    def _row_specs(self, plan: StepPlan) -> tuple[dict[int, RowSpec], dict[int, np.ndarray]]:
+        specs: dict[int, RowSpec] = {}
+        targets: dict[int, np.ndarray] = {}
+        for row in (*plan.decode, *plan.prefill):
+            req = self._requests[row.request_id]
+            p = req.params
+            if row.is_prefill and req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+                # Target of position i is token i + 1 of the prompt; -1 past the prompt's end.
+                nxt = np.full(len(row.token_ids), -1, np.int32)
+                lo = row.start_pos + 1
+                hi = min(row.start_pos + len(row.token_ids) + 1, len(req.prompt_ids))
+                if hi > lo:
+                    nxt[: hi - lo] = req.prompt_ids[lo:hi]
+                targets[row.seq_id] = nxt
+            base_index = self._seq_index.get(row.seq_id, (row.request_id, 0))[1]
+            for k, sid in enumerate(row.sample_seq_ids):
+                index = base_index + k
+                s = req.samples[index]
+                banned: tuple[int, ...] = ()
+                if len(s.token_ids) < p.min_tokens:
+                    eos = () if p.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+                    banned = eos + tuple(p.stop_token_ids)
+                specs[sid] = RowSpec(
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty,
+                    presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                    seed=_sample_seed(req.seed, index),
+                    step=len(s.token_ids),
+                    prompt_ids=tuple(req.prompt_ids) if p.repetition_penalty != 1.0 else (),
+                    output_ids=tuple(s.token_ids) if p.uses_penalties else (),
+                    banned_ids=banned,
+                    want_logprobs=p.logprobs is not None,
+                )
+        return specs, targets
+
+    def _output(self, req: _Request) -> RequestOutput:
+        comps = []
+        for s in req.samples:
+            if not s.new_ids and not s.new_text and (s.finish_reason is None or s.reported_finish):
+                continue
+            lps = None
+            if req.params.logprobs is not None:
+                lps = [_top(d, s_id, req.params.logprobs) for d, s_id in zip(s.new_logprobs, s.new_ids, strict=False)]
+            comps.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.new_text,
+                    token_ids=s.new_ids,
+                    logprobs=lps,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
+            s.reported_finish = s.finish_reason is not None
+            s.new_ids, s.new_text, s.new_logprobs = [], "", []
+        finished = req.finished
+        if finished:
+            req.metrics.finished_time = time.time()
+        prompt_lps = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent and (
+            finished or any(s.token_ids for s in req.samples)
+        ):
+            k = req.params.prompt_logprobs
+            prompt_lps = [None] + [
+                None if d is None else _top(d, req.prompt_ids[i], k)
+                for i, d in enumerate(req.prompt_logprobs[1:], start=1)
+            ]
+            req.prompt_logprobs_sent = True
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_ids,
+            outputs=comps,
+            finished=finished,
+            prompt_logprobs=prompt_lps,
+            metrics=req.metrics,
+        )
+
+    # ---- introspection ------------------------------------------------------------------------
+    def warmup(self) -> float:
+        return self.engine.warmup()
+
+    def model_info(self) -> dict:
+        dev = jax.devices()[0]
+        m = self.model_config
+        return {
+            "model_name": self.model_name,
+            "architecture": m.architecture,
+            "dtype": jnp.dtype(self.engine.dtype).name,
+            "max_model_len": self.max_model_len,
+            "vocab_size": m.vocab_size,
+            "page_size": self.config.page_size,
+            "kv_capacity_tokens": self.engine.capacity_tokens,
+            "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+            "mesh": f"{len(jax.devices())} device(s), single-device",
+        }
+
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        used_pages = bm.num_usable_pages - bm.num_free_pages
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_used_tokens": used_pages * self.config.page_size,
+            "kv_usage": self.scheduler.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }
+
+
+def _top(d: dict[int, float], chosen: int, k: int) -> dict[int, float]:
+    """The chosen token plus the k most likely, from a map holding at least those."""
+    best = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+    out = dict(best)
+    if chosen in d:
+        out[chosen] = d[chosen]
+    return out
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    """A 32-bit stream id per (request seed, sample index): the device key derives from it."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 31
+    return (x ^ (x >> 32)) & 0xFFFFFFFF
+
+
+def resolve_dtype(dtype: str | None):
+    """None → bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""
+    if dtype is None:
+        return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    try:
+        return {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: {dtype!r} is not one of bfloat16, float16, float32") from None
+
+
+def _model_name(path: Path) -> str:
+    return Path(path).name

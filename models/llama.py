@@ -1,0 +1,201 @@
+"""The Llama-family decoder: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2, and their MoE
+variants (Mixtral, Qwen2-MoE, Qwen3-MoE) whose feed-forward is `models.moe.MoE`.
+
+One forward serves prefill and decode: it takes a flat batch of tokens with their positions, the
+paged KV cache (one (k_pages, v_pages) pair per layer) and the attention metadata, writes the new
+K/V into the cache and returns final hidden states plus the updated cache. The step functions in
+`jaxserve.engine` choose which rows become logits. Also owns `weight_map`: the table from Hugging
+Face tensor names to this module's parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq
+from models.moe import DenseMLP, MoE
+from pallas_kernels.attention import AttentionMetadata, attention, write_kv
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: [kv_heads, num_pages, page_size, head_dim]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        bias = cfg.qkv_bias
+        self.q_proj = Linear(d, cfg.q_size, ("embed", "heads"), dtype=dtype, rngs=rngs, bias=bias)
+        self.k_proj = Linear(
+            d, cfg.kv_size, ("embed", "kv_heads"), dtype=dtype, rngs=rngs, bias=bias
+        )
+        self.v_proj = Linear(
+            d, cfg.kv_size, ("embed", "kv_heads"), dtype=dtype, rngs=rngs, bias=bias
+        )
+        self.o_proj = Linear(cfg.q_size, d, ("heads", "embed"), dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = cfg.head_dim**-0.5
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        kv: tuple[jax.Array, jax.Array],
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        t = x.shape[0]
+        q_thd = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k_thd = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v_thd = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_thd, k_thd = self.q_norm(q_thd), self.k_norm(k_thd)
+        q_thd = apply_rope(q_thd, positions, inv_freq)
+        k_thd = apply_rope(k_thd, positions, inv_freq)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k_thd, v_thd, meta.slot_mapping)
+        o_thd = attention(q_thd, k_pages, v_pages, positions, meta, scale=self.scale)
+        return self.o_proj(o_thd.reshape(t, -1)), (k_pages, v_pages)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if layer in cfg.moe_layers:
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, kv, meta):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, meta)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class CausalLM(nnx.Module):
+    """Token ids → final hidden states (and logits for the rows the caller picks)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [T] → final-norm hidden states [T, D] and the updated cache."""
+        inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
+        x = self.embed_tokens[...][tokens]
+        new_cache = []
+        for layer, kv in zip(self.layers, kv_cache, strict=True):
+            x, kv = layer(x, positions, inv_freq, kv, meta)
+            new_cache.append(kv)
+        return self.norm(x), new_cache
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """[N, D] hidden states → [N, vocab] float32 logits."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """Hugging Face tensor `hf_name` ([out, in] for linear weights) fills the parameter at `path`.
+
+    `transpose`: store its transpose. `expert`: it is slice [expert] of a stacked [E, ...] parameter.
+    """
+
+    path: tuple[str | int, ...]
+    transpose: bool = False
+    expert: int | None = None
+
+
+def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
+    """Every Hugging Face tensor of a checkpoint of `cfg`, and where it goes."""
+    m: dict[str, WeightMapping] = {"model.embed_tokens.weight": WeightMapping(("embed_tokens",))}
+    m["model.norm.weight"] = WeightMapping(("norm", "scale"))
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = WeightMapping(("lm_head",), transpose=True)
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        m[hf + "input_layernorm.weight"] = WeightMapping((*ours, "input_layernorm", "scale"))
+        m[hf + "post_attention_layernorm.weight"] = WeightMapping(
+            (*ours, "post_attention_layernorm", "scale")
+        )
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m[f"{hf}self_attn.{proj}.weight"] = WeightMapping(
+                (*ours, "self_attn", proj, "kernel"), transpose=True
+            )
+            if cfg.qkv_bias and proj != "o_proj":
+                m[f"{hf}self_attn.{proj}.bias"] = WeightMapping((*ours, "self_attn", proj, "bias"))
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                m[f"{hf}self_attn.{norm}.weight"] = WeightMapping(
+                    (*ours, "self_attn", norm, "scale")
+                )
+        mlp = (*ours, "mlp")
+        if i not in cfg.moe_layers:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                m[f"{hf}mlp.{proj}.weight"] = WeightMapping((*mlp, proj, "kernel"), transpose=True)
+            continue
+        if cfg.model_type == "mixtral":
+            moe_prefix, names = (
+                "block_sparse_moe",
+                {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
+            )
+        else:
+            moe_prefix, names = "mlp", {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+        m[f"{hf}{moe_prefix}.gate.weight"] = WeightMapping(
+            (*mlp, "router", "kernel"), transpose=True
+        )
+        for e in range(cfg.num_experts):
+            for hf_proj, proj in names.items():
+                m[f"{hf}{moe_prefix}.experts.{e}.{hf_proj}.weight"] = WeightMapping(
+                    (*mlp, proj), transpose=True, expert=e
+                )
+        if cfg.shared_expert_intermediate_size:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                m[f"{hf}mlp.shared_expert.{proj}.weight"] = WeightMapping(
+                    (*mlp, "shared_expert", proj, "kernel"), transpose=True
+                )
+            m[f"{hf}mlp.shared_expert_gate.weight"] = WeightMapping(
+                (*mlp, "shared_expert_gate", "kernel"), transpose=True
+            )
+    return m
+
+
+def abstract_model(cfg: ModelConfig, dtype: jnp.dtype) -> CausalLM:
+    """The model with ShapeDtypeStructs instead of arrays: shapes, dtypes and axes, no memory."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]

@@ -1,0 +1,104 @@
+"""The attention interface the models call: paged KV writes, and decode / prefill attention.
+
+Owns `AttentionMetadata` (what the engine tells a step about the sequences in it), the paged K/V
+write, and the choice of backend. Every backend computes the same function as the pure-JAX
+reference twins in `paged_attention.py` (decode) and `flash_attention.py` (prefill); those twins are
+the CPU path and the fallback.
+
+KV cache layout, per layer: `k_pages`, `v_pages` of shape [kv_heads, num_pages, page_size, head_dim].
+Slot `s` of the flat token space is page `s // page_size`, offset `s % page_size`. Page 0 is never
+allocated to a sequence: padding tokens write there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import flash_attention, paged_attention
+
+BACKENDS = ("reference", "mosaic", "auto")
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class AttentionMetadata:
+    """Per-step sequence layout. T = tokens in the step, S = sequence rows, P = pages per row.
+
+    Decode steps have one token per row (T == S, `cu_q_lens == arange(S + 1)`). Prefill steps pack
+    the chunks of up to S sequences back to back; tokens past `cu_q_lens[-1]` are padding. Rows with
+    no tokens (and decode padding rows) have `seq_lens == 0` and produce zeros.
+    """
+
+    slot_mapping: jax.Array  # [T] int32: where each token's K/V is written
+    block_tables: jax.Array  # [S, P] int32: page ids of each sequence
+    seq_lens: jax.Array  # [S] int32: context length after this step (cached + new tokens)
+    cu_q_lens: jax.Array  # [S + 1] int32: offsets of each sequence's tokens in the step
+    is_decode: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    backend: str = dataclasses.field(metadata=dict(static=True), default="reference")
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated."""
+    page_size = k_pages.shape[2]
+    page, off = slot_mapping // page_size, slot_mapping % page_size
+    k_pages = k_pages.at[:, page, off].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.at[:, page, off].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return k_pages, v_pages
+
+
+def attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    positions: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+) -> jax.Array:
+    """q: [T, q_heads, head_dim] → [T, q_heads, head_dim]; K/V of this step are already written."""
+    if meta.is_decode:
+        return paged_attention.paged_attention(
+            q, k_pages, v_pages, meta.block_tables, meta.seq_lens, scale=scale, backend=meta.backend
+        )
+    return flash_attention.prefill_attention(
+        q,
+        k_pages,
+        v_pages,
+        positions,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.cu_q_lens,
+        scale=scale,
+        backend=meta.backend,
+    )
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' → Mosaic GPU kernels on Hopper GPUs when available, else the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    dev = jax.devices()[0]
+    if dev.platform == "gpu" and paged_attention.mosaic_available(dev):
+        return "mosaic"
+    return "reference"
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:
+    """Plain causal attention over one contiguous sequence ([S, heads, D]); test oracle only."""
+    s, hq, d = q.shape
+    g = hq // k.shape[1]
+    qg = q.reshape(s, k.shape[1], g, d).astype(jnp.float32)
+    scores = jnp.einsum("qhgd,khd->hgqk", qg, k.astype(jnp.float32)) * scale
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    scores = jnp.where(causal, scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("hgqk,khd->qhgd", p, v.astype(jnp.float32))
+    return out.reshape(s, hq, d).astype(q.dtype)
