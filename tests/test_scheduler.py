@@ -1,0 +1,773 @@
+"""Tests for `serving.scheduler`, driven by a fake engine with no model.
+
+The fake engine keeps a paged token store in place of the KV cache: it applies the plan's page
+copies, writes every row's tokens through its block table, then reads each sampling row's whole
+context back through the block table and asserts it is exactly the sequence's tokens. A wrong block
+table, a missed copy-on-write, a page shared by mistake or a bad recompute therefore fails loudly.
+Sampled tokens depend on the context read back, so outputs are also compared across cache sizes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from serving.scheduler import Scheduler, SeqUpdate, StepPlan
+
+VOCAB = 50
+Sampler = Callable[[int, list[int]], int]
+
+
+def context_sampler(seq_id: int, context: list[int]) -> int:
+    """A deterministic 'model': the next token depends on every context token and the seq."""
+    h = 7 * seq_id
+    for pos, tok in enumerate(context):
+        h = (h * 31 + (pos + 1) * (tok + 1)) % 1_000_003
+    return h % VOCAB
+
+
+class Harness:
+    """Scheduler + fake engine + the client's view of every sequence's tokens."""
+
+    def __init__(self, sampler: Sampler = context_sampler, **config: int) -> None:
+        self.sched = Scheduler(**config)
+        bm = self.sched.block_manager
+        self.page_size = bm.page_size
+        self.pages: list[list[int | None]] = [[None] * bm.page_size for _ in range(bm.num_pages)]
+        self.sampler = sampler
+        self.prompts: dict[str, list[int]] = {}
+        self.seq_request: dict[int, str] = {}
+        self.outputs: dict[int, list[int]] = {}
+        self.indexes: dict[int, int] = {}
+        self.finished: dict[int, SeqUpdate | None] = {}  # None: finished by finish_seq
+        self.aborted: set[str] = set()
+        self.plans: list[StepPlan] = []
+
+    def add(self, request_id: str, prompt: list[int], **kw) -> None:
+        kw.setdefault("n", 1)
+        kw.setdefault("max_tokens", 8)
+        self.sched.add_request(request_id, prompt, **kw)
+        self.prompts[request_id] = list(prompt)
+
+    def abort(self, request_id: str) -> None:
+        self.sched.abort_request(request_id)
+        self.aborted.add(request_id)
+
+    def tokens(self, seq_id: int) -> list[int]:
+        return self.prompts[self.seq_request[seq_id]] + self.outputs.get(seq_id, [])
+
+    def live_seq_ids(self) -> list[int]:
+        return [
+            sid
+            for sid, rid in self.seq_request.items()
+            if sid not in self.finished and rid not in self.aborted
+        ]
+
+    def outputs_of(self, request_id: str) -> dict[int, list[int]]:
+        """Sample index -> output tokens, for one request."""
+        return {
+            self.indexes[sid]: toks
+            for sid, toks in self.outputs.items()
+            if self.seq_request[sid] == request_id
+        }
+
+    def execute(self, plan: StepPlan) -> dict[int, int]:
+        """What the device would do: copy, write, then sample from the context read back."""
+        rows = [*plan.decode, *plan.prefill]
+        assert len({row.seq_id for row in rows}) == len(rows)
+        for src, dst in plan.page_copies:
+            self.pages[dst] = list(self.pages[src])
+        for row in plan.decode:
+            assert len(row.token_ids) == 1 and not row.is_prefill
+        for row in plan.prefill:
+            assert row.token_ids and row.is_prefill
+        for row in rows:
+            self.seq_request.setdefault(row.seq_id, row.request_id)
+            end = row.start_pos + len(row.token_ids)
+            assert row.token_ids == self.tokens(row.seq_id)[row.start_pos : end]
+            assert len(row.block_table) == -(-end // self.page_size)
+            assert 0 not in row.block_table
+            for pos, tok in enumerate(row.token_ids, start=row.start_pos):
+                self.pages[row.block_table[pos // self.page_size]][pos % self.page_size] = tok
+        sampled = {}
+        for row in rows:
+            if not row.sample_seq_ids:
+                continue
+            end = row.start_pos + len(row.token_ids)
+            assert end == len(self.tokens(row.seq_id))
+            assert row.sample_seq_ids[0] == row.seq_id
+            context = [
+                self.pages[row.block_table[pos // self.page_size]][pos % self.page_size]
+                for pos in range(end)
+            ]
+            assert context == self.tokens(row.seq_id)
+            for sid in row.sample_seq_ids:
+                self.seq_request.setdefault(sid, row.request_id)
+                sampled[sid] = self.sampler(sid, context)
+        return sampled
+
+    def step(self, between: Callable[[], None] | None = None) -> tuple[StepPlan, list[SeqUpdate]]:
+        """One schedule → execute → update round; `between` runs after scheduling."""
+        plan = self.sched.schedule()
+        self.plans.append(plan)
+        assert plan.num_tokens <= self.sched.max_num_batched_tokens
+        assert len(plan.prefill) <= self.sched.max_prefill_seqs
+        sampled = self.execute(plan)
+        if between is not None:
+            between()
+        updates = self.sched.update(plan, sampled)
+        for u in updates:
+            assert u.seq_id not in self.finished
+            self.outputs.setdefault(u.seq_id, []).append(u.token_id)
+            assert u.token_id == sampled[u.seq_id]
+            assert self.indexes.setdefault(u.seq_id, u.index) == u.index
+            assert u.request_id == self.seq_request[u.seq_id]
+            if u.finished:
+                self.finished[u.seq_id] = u
+        check_pages(self.sched)
+        assert self.sched.num_running <= self.sched.max_num_seqs
+        return plan, updates
+
+    def run(self, max_steps: int = 10_000) -> int:
+        """Steps until nothing is left; returns the number of steps."""
+        steps = 0
+        while self.sched.has_unfinished():
+            assert steps < max_steps, "scheduler did not terminate"
+            self.step()
+            steps += 1
+        assert_all_free(self.sched)
+        return steps
+
+
+def check_pages(sched: Scheduler) -> None:
+    """Every page's refcount equals the number of live block tables holding it; free pages are
+    exactly those with no holder; running sequences hold pages for exactly their computed tokens."""
+    bm = sched.block_manager
+    holders = Counter(p for seq in sched._seqs.values() for p in seq.block_table)
+    assert 0 not in holders
+    for page in range(bm.num_pages):
+        assert bm.ref_count(page) == holders[page], page
+    assert bm.num_free_pages == bm.num_usable_pages - len(holders)
+    for seq in sched._running:
+        assert len(seq.block_table) == bm.pages_for(seq.num_computed)
+    # What lets decodes go first and running prefills skip the row limit (see `schedule`).
+    prefilling = [seq.is_prefilling for seq in sched._running]
+    assert prefilling == sorted(prefilling)
+    assert sum(prefilling) <= sched.max_prefill_seqs
+    for seq in sched._waiting:
+        assert seq.block_table == [] and seq.num_computed == 0
+    assert sched.num_running + sched.num_waiting == len(sched._seqs)
+
+
+def assert_all_free(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    assert not sched.has_unfinished()
+    assert bm.num_free_pages == bm.num_usable_pages
+    assert all(bm.ref_count(p) == 0 for p in range(bm.num_pages))
+    assert bm.usage == 0.0
+    assert not sched._seqs and not sched._requests
+
+
+def config(**overrides: int) -> dict[str, int]:
+    base = dict(
+        num_pages=65,
+        page_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=128,
+        max_prefill_seqs=8,
+    )
+    return base | overrides
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    return [(seed * 17 + i * 3) % VOCAB for i in range(length)]
+
+
+def expected_output(seq_id: int, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """What the context sampler yields for a sequence nothing stops early."""
+    toks = list(prompt_ids)
+    for _ in range(max_tokens):
+        toks.append(context_sampler(seq_id, toks))
+    return toks[len(prompt_ids) :]
+
+
+# --- construction and validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(max_num_seqs=8, max_num_batched_tokens=7), "max_num_batched_tokens"),
+        (dict(max_model_len=1), "max_model_len"),
+        (dict(max_prefill_seqs=0), "max_prefill_seqs"),
+        (dict(num_pages=1), "num_pages"),
+        (dict(page_size=0), "page_size"),
+    ],
+)
+def test_constructor_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        Scheduler(**config(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(prompt_token_ids=[]), "prompt_token_ids"),
+        (dict(prompt_token_ids=prompt(128)), "prompt_token_ids"),
+        (dict(n=0), "n"),
+        (dict(n=9), "n"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(min_tokens=-1), "min_tokens"),
+        (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    ],
+)
+def test_add_request_validation_names_the_field(kwargs, field):
+    sched = Scheduler(**config())
+    args = dict(request_id="r", prompt_token_ids=prompt(4), n=1, max_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        sched.add_request(**args)
+    assert not sched.has_unfinished()
+
+
+def test_add_request_rejects_duplicates_and_sequences_larger_than_the_cache():
+    sched = Scheduler(**config(num_pages=5, page_size=4, max_model_len=64))  # 16 cached tokens
+    sched.add_request("a", prompt(4), n=1, max_tokens=4)
+    with pytest.raises(ValueError, match="^request_id:"):
+        sched.add_request("a", prompt(4), n=1, max_tokens=4)
+    with pytest.raises(ValueError, match="^prompt_token_ids:.*KV-cache pages"):
+        sched.add_request("b", prompt(17), n=1, max_tokens=1)
+    # 16 prompt tokens + 1 output: the last token's K/V is never written, so it fits.
+    sched.add_request("c", prompt(16), n=1, max_tokens=1)
+    with pytest.raises(ValueError, match="^max_tokens:"):
+        sched.add_request("d", prompt(16), n=1, max_tokens=2)
+    assert sched.num_waiting == 2
+
+
+# --- basic flow, budgets and chunking ---------------------------------------------------------
+
+
+def test_single_request_prefills_then_decodes_until_max_tokens():
+    h = Harness(**config())
+    h.add("r", prompt(10), max_tokens=5)
+    plan, updates = h.step()
+    assert plan.decode == [] and len(plan.prefill) == 1
+    row = plan.prefill[0]
+    assert (row.start_pos, len(row.token_ids), row.is_prefill) == (0, 10, True)
+    assert row.sample_seq_ids == [row.seq_id]
+    assert plan.num_tokens == 10 and not plan.is_empty
+    assert [u.finished for u in updates] == [False]
+    for step in range(4):
+        plan, updates = h.step()
+        assert plan.prefill == [] and len(plan.decode) == 1
+        assert plan.decode[0].start_pos == 10 + step
+        assert plan.num_tokens == 1
+    assert updates[0].finished and updates[0].finish_reason == "length"
+    assert h.outputs_of("r") == {0: expected_output(row.seq_id, prompt(10), 5)}
+    assert h.run() == 0
+    assert h.sched.schedule().is_empty
+
+
+def test_long_prompt_is_chunked_by_the_token_budget():
+    h = Harness(**config(num_pages=300, max_model_len=2048))
+    h.add("long", prompt(1000), max_tokens=2)
+    chunks = []
+    while not h.outputs:
+        plan, _ = h.step()
+        [row] = plan.prefill
+        assert row.start_pos == sum(chunks)
+        assert row.sample_seq_ids == ([] if row.start_pos + len(row.token_ids) < 1000 else [0])
+        chunks.append(len(row.token_ids))
+    assert chunks == [64] * 15 + [40]
+    h.run()
+
+
+def test_decodes_keep_running_every_step_while_a_long_prompt_is_chunked():
+    h = Harness(**config(num_pages=300, max_model_len=2048))
+    for i in range(4):
+        h.add(f"short{i}", prompt(3, seed=i), max_tokens=100)
+    h.step()
+    h.add("long", prompt(1000, seed=9), max_tokens=1)
+    chunk_steps = 0
+    while "long" not in {h.seq_request[s] for s in h.outputs}:
+        before = {sid: len(toks) for sid, toks in h.outputs.items()}
+        plan, _ = h.step()
+        assert len(plan.decode) == 4  # every short request decodes every step
+        assert {sid: len(h.outputs[sid]) for sid in before} == {
+            sid: n + 1 for sid, n in before.items()
+        }
+        assert len(plan.prefill) == 1
+        chunk_steps += 1
+    assert chunk_steps == -(-1000 // 60)  # 4 of the 64 tokens go to the decodes
+    h.run()
+
+
+def test_max_num_seqs_limits_running_sequences():
+    h = Harness(**config(max_num_seqs=2))
+    for i in range(3):
+        h.add(f"r{i}", prompt(4, seed=i), max_tokens=3 + i)
+    plan, _ = h.step()
+    assert [row.request_id for row in plan.prefill] == ["r0", "r1"]
+    assert (h.sched.num_running, h.sched.num_waiting) == (2, 1)
+    h.step()
+    plan, updates = h.step()  # r0 finishes here, freeing its slot
+    assert [u.request_id for u in updates if u.finished] == ["r0"]
+    plan, _ = h.step()
+    assert [row.request_id for row in plan.prefill] == ["r2"]
+    h.run()
+
+
+def test_max_prefill_seqs_limits_prefill_rows_per_step():
+    h = Harness(**config(max_prefill_seqs=2))
+    for i in range(5):
+        h.add(f"r{i}", prompt(4, seed=i), max_tokens=4)
+    admitted = [[row.request_id for row in h.step()[0].prefill] for _ in range(3)]
+    assert admitted == [["r0", "r1"], ["r2", "r3"], ["r4"]]
+    h.run()
+
+
+def test_running_partial_prefills_count_against_max_prefill_seqs():
+    h = Harness(**config(max_prefill_seqs=1, max_num_batched_tokens=16, max_num_seqs=4))
+    h.add("a", prompt(40), max_tokens=2)
+    h.add("b", prompt(4), max_tokens=2)
+    for _ in range(3):  # a needs 3 chunks of 16; b waits behind it
+        plan, _ = h.step()
+        assert [row.request_id for row in plan.prefill] == ["a"]
+    plan, _ = h.step()
+    assert [row.request_id for row in plan.prefill] == ["b"]
+    h.run()
+
+
+def test_admission_is_first_come_first_served():
+    # The head of the queue does not fit yet; smaller requests behind it must not overtake it.
+    h = Harness(**config(num_pages=9, page_size=4, max_model_len=32))  # 32 cached tokens
+    h.add("big0", prompt(20), max_tokens=4)
+    h.step()
+    h.add("big1", prompt(20), max_tokens=4)
+    h.add("small", prompt(2), max_tokens=2)
+    first_seen: dict[str, int] = {}
+    step = 0
+    while h.sched.has_unfinished():
+        plan, _ = h.step()
+        for row in plan.prefill:
+            first_seen.setdefault(row.request_id, step)
+        step += 1
+    assert first_seen["big1"] <= first_seen["small"]
+    assert_all_free(h.sched)
+
+
+# --- finish rules ------------------------------------------------------------------------------
+
+
+def scripted(tokens: list[int]) -> Sampler:
+    """A sampler emitting `tokens` in order, whatever the context."""
+    it = iter(tokens)
+    return lambda seq_id, context: next(it)
+
+
+def finish_of(script: list[int], **kw) -> tuple[list[int], SeqUpdate]:
+    h = Harness(sampler=scripted(script), **config(max_model_len=kw.pop("max_model_len", 128)))
+    h.add("r", prompt(kw.pop("prompt_len", 4)), **kw)
+    h.run()
+    [last] = h.finished.values()
+    return h.outputs_of("r")[0], last
+
+
+def test_finish_at_max_tokens_is_length():
+    out, last = finish_of([1, 2, 3, 4, 5], max_tokens=3)
+    assert out == [1, 2, 3]
+    assert (last.finish_reason, last.stop_reason, last.token_id) == ("length", None, 3)
+
+
+def test_finish_on_eos_is_stop_without_stop_reason():
+    out, last = finish_of([1, 2, 9, 4], max_tokens=10, eos_token_ids=[9, 8])
+    assert out == [1, 2, 9]
+    assert (last.finish_reason, last.stop_reason) == ("stop", None)
+
+
+def test_finish_on_stop_token_id_reports_it():
+    out, last = finish_of([1, 7, 9], max_tokens=10, eos_token_ids=[9], stop_token_ids=[7])
+    assert out == [1, 7]
+    assert (last.finish_reason, last.stop_reason) == ("stop", 7)
+
+
+def test_ignore_eos_keeps_generating_but_stop_ids_still_stop():
+    out, last = finish_of([9, 9, 5], max_tokens=3, eos_token_ids=[9], ignore_eos=True)
+    assert out == [9, 9, 5] and last.finish_reason == "length"
+    out, last = finish_of(
+        [9, 7], max_tokens=5, eos_token_ids=[9], stop_token_ids=[7], ignore_eos=True
+    )
+    assert out == [9, 7] and (last.finish_reason, last.stop_reason) == ("stop", 7)
+
+
+def test_min_tokens_suppresses_stops_below_it():
+    # Two outputs must precede a stop: the eos at index 0 and the stop id at index 1 do not count.
+    out, last = finish_of(
+        [9, 7, 9, 1], max_tokens=10, min_tokens=2, eos_token_ids=[9], stop_token_ids=[7]
+    )
+    assert out == [9, 7, 9]
+    assert (last.finish_reason, last.stop_reason) == ("stop", None)
+
+
+def test_stop_wins_over_length_on_the_same_token():
+    out, last = finish_of([1, 9], max_tokens=2, eos_token_ids=[9])
+    assert out == [1, 9] and last.finish_reason == "stop"
+
+
+def test_finish_at_max_model_len_is_length():
+    out, last = finish_of([1] * 20, max_tokens=20, prompt_len=14, max_model_len=16)
+    assert out == [1, 1] and last.finish_reason == "length"
+
+
+def test_updates_report_every_sampled_token_once():
+    h = Harness(**config())
+    h.add("a", prompt(5), max_tokens=4, n=2)
+    h.add("b", prompt(6, seed=1), max_tokens=3)
+    all_updates = []
+    while h.sched.has_unfinished():
+        all_updates += h.step()[1]
+    per_seq = Counter(u.seq_id for u in all_updates)
+    assert sorted(per_seq.values()) == [3, 4, 4]
+    assert sorted((u.request_id, u.index) for u in all_updates if u.finished) == [
+        ("a", 0),
+        ("a", 1),
+        ("b", 0),
+    ]
+
+
+# --- abort and finish_seq at every stage ------------------------------------------------------
+
+
+def test_abort_while_waiting_mid_prefill_and_decoding_frees_everything():
+    h = Harness(**config(max_num_batched_tokens=16, max_num_seqs=4, max_prefill_seqs=1))
+    h.add("decoding", prompt(8), max_tokens=50)
+    h.add("prefilling", prompt(60, seed=1), max_tokens=50)
+    h.add("waiting", prompt(8, seed=2), max_tokens=50)
+    h.step()
+    h.step()
+    h.step()
+    stages = {
+        r: sum(1 for s in h.sched._seqs.values() if s.request.request_id == r) for r in h.prompts
+    }
+    assert stages == {"decoding": 1, "prefilling": 1, "waiting": 1}
+    assert h.sched.num_waiting == 1
+    running = {s.request.request_id: s for s in h.sched._running}
+    assert running["prefilling"].is_prefilling and not running["decoding"].is_prefilling
+    for rid in ("waiting", "prefilling", "decoding"):
+        h.abort(rid)
+        check_pages(h.sched)
+    assert_all_free(h.sched)
+    h.abort("decoding")  # unknown (already gone): ignored
+    assert h.sched.schedule().is_empty
+
+
+def test_abort_after_fork_frees_shared_pages():
+    h = Harness(**config())
+    h.add("r", prompt(6), max_tokens=10, n=3)
+    h.step()
+    h.step()
+    assert h.sched.num_running == 3
+    h.abort("r")
+    assert_all_free(h.sched)
+
+
+def test_abort_and_finish_between_schedule_and_update_are_skipped():
+    h = Harness(**config())
+    h.add("a", prompt(4), max_tokens=5)
+    h.add("b", prompt(4, seed=1), max_tokens=5)
+    h.add("c", prompt(4, seed=2), max_tokens=5)
+    h.step()
+    c_seq = next(s for s, r in h.seq_request.items() if r == "c")
+
+    def interfere() -> None:
+        h.abort("a")
+        h.sched.finish_seq(c_seq, "stop", "</s>")
+        h.finished[c_seq] = None
+
+    plan, updates = h.step(between=interfere)
+    assert len(plan.decode) == 3
+    assert [u.request_id for u in updates] == ["b"]
+    h.run()
+
+
+def test_finish_seq_frees_pages_and_rejects_bad_calls():
+    h = Harness(**config())
+    h.add("r", prompt(6), max_tokens=10, n=2)
+    h.step()
+    seq_ids = sorted(h.outputs)
+    h.sched.finish_seq(seq_ids[0], "stop", "\n\n")
+    check_pages(h.sched)
+    with pytest.raises(KeyError):
+        h.sched.finish_seq(seq_ids[0], "stop", None)
+    with pytest.raises(ValueError, match="^reason:"):
+        h.sched.finish_seq(seq_ids[1], "abort", None)
+    with pytest.raises(ValueError, match="^stop_reason:"):
+        h.sched.finish_seq(seq_ids[1], "length", "x")
+    h.sched.finish_seq(seq_ids[1], "length", None)
+    assert_all_free(h.sched)
+
+
+def test_schedule_and_update_must_alternate():
+    h = Harness(**config())
+    h.add("a", prompt(4), max_tokens=5)
+    h.add("b", prompt(4), max_tokens=5)
+    plan = h.sched.schedule()
+    with pytest.raises(RuntimeError, match="update"):
+        h.sched.schedule()
+    with pytest.raises(ValueError, match="^sampled:"):
+        h.sched.update(plan, {plan.prefill[0].seq_id: 1})
+    stale = StepPlan(plan.decode, plan.prefill, plan.page_copies, plan.preempted)
+    with pytest.raises(ValueError, match="^plan:"):
+        h.sched.update(stale, {})
+    assert len(h.sched.update(plan, {row.seq_id: 1 for row in plan.prefill})) == 2
+    assert h.sched.update(h.sched.schedule(), {0: 2, 1: 3})[0].token_id == 2
+
+
+# --- preemption ---------------------------------------------------------------------------------
+
+
+def test_preemption_evicts_the_newest_and_it_resumes_first_without_reemitting():
+    # 4 pages of 2 tokens. a and b take 2 pages each; when a needs a third, b is evicted.
+    h = Harness(**config(num_pages=5, page_size=2, max_num_seqs=4, max_model_len=8))
+    h.add("a", prompt(3), max_tokens=5)
+    h.add("b", prompt(3, seed=1), max_tokens=4)
+    h.step()
+    h.add("c", prompt(3, seed=2), max_tokens=2)
+    plan, _ = h.step()
+    assert plan.preempted == [] and h.sched.num_waiting == 1
+    plan, _ = h.step()
+    assert plan.preempted == ["b"] and h.sched.num_preemptions == 1
+    assert [row.request_id for row in plan.decode] == ["a"]
+    assert [s.request.request_id for s in h.sched._waiting] == ["b", "c"]
+    b_tokens_at_preemption = h.tokens(1)
+    assert len(b_tokens_at_preemption) == 5
+
+    recompute = None
+    while recompute is None:
+        plan, _ = h.step()
+        recompute = next((row for row in plan.prefill if row.request_id == "b"), None)
+        assert all(row.request_id != "c" for row in plan.prefill)
+    assert recompute.start_pos == 0 and recompute.is_prefill
+    assert recompute.token_ids == b_tokens_at_preemption
+    assert recompute.sample_seq_ids == [1]
+    h.run()
+    assert h.outputs_of("b") == {0: expected_output(1, prompt(3, seed=1), 4)}
+    assert h.outputs_of("a") == {0: expected_output(0, prompt(3), 5)}
+
+
+def test_a_tiny_cache_gives_the_same_outputs_as_a_large_one():
+    def run(num_pages: int) -> tuple[dict[str, dict[int, list[int]]], int]:
+        h = Harness(**config(num_pages=num_pages, page_size=4, max_num_seqs=6, max_model_len=48))
+        for i in range(8):
+            h.add(f"r{i}", prompt(5 + 3 * i, seed=i), max_tokens=12 + i)
+        h.run()
+        return {r: h.outputs_of(r) for r in h.prompts}, h.sched.num_preemptions
+
+    ample, ample_preemptions = run(num_pages=200)
+    tight, tight_preemptions = run(num_pages=13)
+    assert ample_preemptions == 0 and tight_preemptions > 0
+    assert tight == ample
+
+
+def test_a_mid_prefill_sequence_can_be_preempted_and_restarts_its_prompt():
+    # 8 pages of 2 tokens; a budget of 4 leaves b 3 prompt tokens a step next to a's decode.
+    h = Harness(
+        **config(
+            num_pages=9, page_size=2, max_num_seqs=2, max_num_batched_tokens=4, max_model_len=16
+        )
+    )
+    h.add("a", prompt(4), max_tokens=9)
+    h.step()
+    h.add("b", prompt(12, seed=1), max_tokens=1)
+    assert [h.step()[0].prefill[0].start_pos for _ in range(2)] == [0, 3]
+    plan, _ = h.step()  # a takes a 7th page; b's next chunk needs 2 pages of the 1 left
+    assert plan.preempted == ["b"] and plan.prefill == []
+    assert [row.request_id for row in plan.decode] == ["a"]
+    plan, _ = h.step()
+    assert [(row.request_id, row.start_pos, row.token_ids) for row in plan.prefill] == [
+        ("b", 0, prompt(12, seed=1)[:3])
+    ]
+    h.run()
+    assert h.outputs_of("a") == {0: expected_output(0, prompt(4), 9)}
+    assert h.outputs_of("b") == {0: expected_output(1, prompt(12, seed=1), 1)}
+
+
+# --- n > 1: fork and copy-on-write ---------------------------------------------------------------
+
+
+def test_n_samples_share_the_prompt_pages_and_copy_the_partial_last_page():
+    h = Harness(**config(page_size=4))
+    h.add("r", prompt(10), max_tokens=6, n=3)  # pages [0,4) [4,8) [8,10): the last is partial
+    plan, updates = h.step()
+    [row] = plan.prefill
+    assert row.sample_seq_ids == [0, 1, 2]
+    assert [u.index for u in updates] == [0, 1, 2]
+    bm = h.sched.block_manager
+    tables = {s.seq_id: list(s.block_table) for s in h.sched._running}
+    assert tables[0] == tables[1] == tables[2] == row.block_table
+    assert [bm.ref_count(p) for p in row.block_table] == [3, 3, 3]
+
+    plan, _ = h.step()
+    assert [r.seq_id for r in plan.decode] == [0, 1, 2]
+    partial = row.block_table[2]
+    assert [src for src, _ in plan.page_copies] == [partial, partial]
+    assert [dst for _, dst in plan.page_copies] == [r.block_table[2] for r in plan.decode[:2]]
+    assert plan.decode[2].block_table == row.block_table  # the last holder writes in place
+    assert [bm.ref_count(p) for p in row.block_table] == [3, 3, 1]
+    h.run()
+    assert len(h.outputs_of("r")) == 3
+
+
+def test_n_samples_with_a_page_aligned_prompt_need_no_copies():
+    h = Harness(**config(page_size=4))
+    h.add("r", prompt(8), max_tokens=6, n=2)
+    h.step()
+    plan, _ = h.step()
+    assert plan.page_copies == []
+    assert plan.decode[0].block_table[:2] == plan.decode[1].block_table[:2]
+    assert plan.decode[0].block_table[2] != plan.decode[1].block_table[2]
+    h.run()
+
+
+def test_n_samples_reserve_their_slots_before_admission():
+    h = Harness(**config(max_num_seqs=4))
+    h.add("a", prompt(4), max_tokens=4, n=3)
+    h.add("b", prompt(4, seed=1), max_tokens=4, n=2)
+    plan, _ = h.step()
+    assert [row.request_id for row in plan.prefill] == ["a"]
+    assert h.sched.num_running == 3
+    h.run()
+
+
+def test_chunked_n_sample_prompt_forks_only_at_its_last_chunk():
+    h = Harness(**config(max_num_batched_tokens=16))
+    h.add("r", prompt(40), max_tokens=3, n=2)
+    samples = [h.step()[0].prefill[0].sample_seq_ids for _ in range(3)]
+    assert samples == [[], [], [0, 1]]
+    h.run()
+
+
+def test_preempted_fork_recomputes_on_its_own():
+    h = Harness(**config(num_pages=7, page_size=2, max_num_seqs=2, max_model_len=12))  # 12 tokens
+    h.add("r", prompt(5), max_tokens=7, n=2)
+    h.run()
+    assert h.sched.num_preemptions > 0
+    recomputes = [
+        row
+        for plan in h.plans
+        for row in plan.prefill
+        if row.start_pos == 0 and len(row.token_ids) > 5
+    ]
+    assert recomputes and all(row.sample_seq_ids == [row.seq_id] for row in recomputes)
+    assert {i: len(t) for i, t in h.outputs_of("r").items()} == {0: 7, 1: 7}
+
+
+# --- random interleavings ------------------------------------------------------------------------
+
+request_st = st.fixed_dictionaries(
+    {
+        "prompt_len": st.integers(1, 40),
+        "n": st.integers(1, 3),
+        "max_tokens": st.integers(1, 16),
+        "min_tokens": st.integers(0, 2),
+        "eos": st.lists(st.integers(0, VOCAB - 1), max_size=2),
+        "stop": st.lists(st.integers(0, VOCAB - 1), max_size=2),
+        "ignore_eos": st.booleans(),
+    }
+)
+op_st = st.one_of(
+    st.tuples(st.just("add"), request_st),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("abort_in_step"), st.integers(0, 30)),
+    st.tuples(st.just("finish"), st.integers(0, 30)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    page_size=st.integers(1, 4),
+    max_model_len=st.integers(4, 40),
+    spare_pages=st.integers(0, 8),
+    max_num_seqs=st.integers(1, 5),
+    spare_budget=st.integers(0, 12),
+    max_prefill_seqs=st.integers(1, 3),
+    initial=st.lists(request_st, min_size=1, max_size=6),
+    ops=st.lists(op_st, max_size=30),
+)
+def test_random_interleavings_never_leak_pages_and_terminate(
+    page_size,
+    max_model_len,
+    spare_pages,
+    max_num_seqs,
+    spare_budget,
+    max_prefill_seqs,
+    initial,
+    ops,
+):
+    # From a cache that holds just one longest sequence (constant preemption) to a roomier one.
+    num_pages = 1 + -(-max_model_len // page_size) + spare_pages
+    h = Harness(
+        num_pages=num_pages,
+        page_size=page_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_seqs + spare_budget,
+        max_model_len=max_model_len,
+        max_prefill_seqs=max_prefill_seqs,
+    )
+    added: list[str] = []
+
+    def add(req: dict) -> None:
+        rid = f"r{len(added)}"
+        max_tokens = req["max_tokens"]
+        h.add(
+            rid,
+            prompt(1 + req["prompt_len"] % (max_model_len - 1), seed=len(added)),
+            n=min(req["n"], max_num_seqs),
+            max_tokens=max_tokens,
+            min_tokens=min(req["min_tokens"], max_tokens),
+            eos_token_ids=req["eos"],
+            stop_token_ids=req["stop"],
+            ignore_eos=req["ignore_eos"],
+        )
+        added.append(rid)
+
+    for req in initial:
+        add(req)
+    for op, arg in ops:
+        if op == "add":
+            add(arg)
+        elif op == "step":
+            for _ in range(arg):
+                h.step()
+        elif op == "abort":
+            h.abort(added[arg % len(added)])
+        elif op == "abort_in_step":
+            h.step(between=partial(h.abort, added[arg % len(added)]))
+        elif op == "finish" and h.live_seq_ids():
+            live = h.live_seq_ids()
+            sid = live[arg % len(live)]
+            h.sched.finish_seq(sid, "stop", "stop string")
+            h.finished[sid] = None
+        check_pages(h.sched)
+    h.run(max_steps=5_000)
+
+    event(f"steps: {min(len(h.plans) // 25 * 25, 100)}+")
+    for name, hit in [
+        ("preempted", h.sched.num_preemptions),
+        ("copied", any(p.page_copies for p in h.plans)),
+        ("forked", any(len(r.sample_seq_ids) > 1 for p in h.plans for r in p.prefill)),
+        ("chunked", any(not r.sample_seq_ids for p in h.plans for r in p.prefill)),
+    ]:
+        event(f"{name}: {bool(hit)}")
+    for rid in added:
+        if rid in h.aborted:
+            continue
+        for toks in h.outputs_of(rid).values():
+            assert 1 <= len(toks) <= max_model_len - len(h.prompts[rid])
