@@ -351,28 +351,38 @@ class Engine:
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every (bucket, pages) shape of both steps and the greedy sampler. Returns seconds."""
+        """Compile every reachable (bucket, pages) shape of both steps and the greedy sampler.
+        Returns the seconds it took."""
         t0 = time.perf_counter()
-        specs = {}
+        ps, s_rows = self.cfg.page_size, self.cfg.max_prefill_seqs
         for p in self.cfg.page_buckets:
             table = [0] * p
             for b in self.cfg.decode_buckets:
-                rows = [
-                    ScheduledSeq(
-                        seq_id=i, request_id="", token_ids=[0], start_pos=0, block_table=table,
-                        sample_seq_ids=[i], is_prefill=False,
-                    )
-                    for i in range(b)
-                ]
-                specs = {i: RowSpec(temperature=0.0) for i in range(b)}
-                logits = self._run_decode(rows)
-                self._sample(logits, rows, specs)
+                rows = [_dummy_row(i, [0], table) for i in range(b)]
+                self._sample(self._run_decode(rows), rows, {i: RowSpec(0.0) for i in range(b)})
+            prev = 0
             for t in self.cfg.prefill_buckets:
-                row = ScheduledSeq(
-                    seq_id=0, request_id="", token_ids=[0] * t, start_pos=0, block_table=table,
-                    sample_seq_ids=[0], is_prefill=True,
-                )
-                logits, _ = self._run_prefill([row], {})
-                self._sample(logits, [row], {0: RowSpec(temperature=0.0)})
+                # A prefill of t tokens over rows of at most p pages exists only if some token
+                # count in (prev, t] fits in s_rows rows of p * ps tokens.
+                n = min(t, s_rows * p * ps)
+                if n > prev:
+                    sizes = [min(p * ps, n - k) for k in range(0, n, p * ps)]
+                    rows = [_dummy_row(i, [0] * m, table) for i, m in enumerate(sizes)]
+                    logits, _ = self._run_prefill(rows, {})
+                    self._sample(logits, rows, {i: RowSpec(0.0) for i in range(len(rows))})
+                prev = t
         jax.block_until_ready(self.kv)
         return time.perf_counter() - t0
+
+
+def _dummy_row(i: int, tokens: list[int], table: list[int]) -> ScheduledSeq:
+    """A warm-up row writing into the reserved page 0."""
+    return ScheduledSeq(
+        seq_id=i,
+        request_id="",
+        token_ids=tokens,
+        start_pos=0,
+        block_table=table,
+        sample_seq_ids=[i],
+        is_prefill=len(tokens) > 1,
+    )

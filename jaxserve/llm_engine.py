@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Sample:
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: token ids only
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -68,7 +68,7 @@ class LLMEngine:
     def __init__(
         self,
         model: CausalLM,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         config: EngineConfig,
         *,
         model_name: str = "",
@@ -171,6 +171,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this engine has no tokenizer; send token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
@@ -188,7 +190,8 @@ class LLMEngine:
                 f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"max_model_len ({self.max_model_len})"
             )
-        eos = list(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        eos = self._eos_ids()
+        detokenize = params.detokenize and self.tokenizer is not None
         self.scheduler.add_request(
             request_id,
             ids,
@@ -209,7 +212,9 @@ class LLMEngine:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
-                ),
+                )
+                if detokenize
+                else None,
             )
             for i in range(params.n)
         ]
@@ -276,15 +281,20 @@ class LLMEngine:
                 s.new_logprobs.append(result.logprobs[u.seq_id])
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            delta = s.detok.add([u.token_id])
-            s.new_text += delta.text
-            if delta.stopped:
+            delta = s.detok.add([u.token_id]) if s.detok is not None else None
+            if delta is not None:
+                s.new_text += delta.text
+            if delta is not None and delta.stopped:
                 s.finish_reason, s.stop_reason = "stop", delta.stop_reason
                 if not u.finished:
                     self.scheduler.finish_seq(u.seq_id, "stop", delta.stop_reason)
             elif u.finished:
-                s.new_text += s.detok.flush()
                 s.finish_reason, s.stop_reason = u.finish_reason, u.stop_reason
+                if s.detok is not None:
+                    tail = s.detok.flush()
+                    s.new_text += tail.text
+                    if tail.stopped:  # held-back text completed a stop string
+                        s.finish_reason, s.stop_reason = "stop", tail.stop_reason
             if s.finish_reason is not None:
                 self._seq_index.pop(u.seq_id, None)
             touched[u.request_id] = req
@@ -314,7 +324,7 @@ class LLMEngine:
                 s = req.samples[index]
                 banned: tuple[int, ...] = ()
                 if len(s.token_ids) < p.min_tokens:
-                    eos = () if p.ignore_eos else tuple(self.tokenizer.eos_token_ids)
+                    eos = () if p.ignore_eos else tuple(self._eos_ids())
                     banned = eos + tuple(p.stop_token_ids)
                 specs[sid] = RowSpec(
                     temperature=p.temperature,
@@ -375,6 +385,11 @@ class LLMEngine:
             prompt_logprobs=prompt_lps,
             metrics=req.metrics,
         )
+
+    def _eos_ids(self) -> list[int]:
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            return list(self.tokenizer.eos_token_ids)
+        return list(self.model_config.eos_token_ids)
 
     # ---- introspection ------------------------------------------------------------------------
     def warmup(self) -> float:

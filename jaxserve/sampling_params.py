@@ -45,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (no text, no stop strings), e.g. benchmarks
     _frozen_stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class SamplingParams:
                 bad("stop", f"stop strings must be non-empty strings, got {s!r}")
             if len(s) > MAX_STOP_STRING_LEN:
                 bad("stop", f"a stop string is at most {MAX_STOP_STRING_LEN} characters long")
+        if self.stop and not self.detokenize:
+            bad("stop", "stop strings need detokenize=True")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from models import CausalLM, init_kv_cache
 from pallas_kernels.attention import AttentionMetadata
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(graphdef, state, tokens, positions, kv, meta):
+    model = nnx.merge(graphdef, state)
+    h, _ = model(tokens, positions, kv, meta)
+    return model.logits(h)
 
 
 def full_forward(model: CausalLM, seqs: list[list[int]], page_size: int = 4) -> list[np.ndarray]:
@@ -35,6 +45,15 @@ def full_forward(model: CausalLM, seqs: list[list[int]], page_size: int = 4) -> 
         cu_q_lens=jnp.asarray(cu, jnp.int32),
     )
     kv = init_kv_cache(cfg, num_pages, page_size, model.embed_tokens.dtype)
-    h, _ = model(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), kv, meta)
-    logits = np.asarray(model.logits(h))
+    graphdef, state = nnx.split(model)
+    logits = np.asarray(
+        _forward_logits(
+            graphdef,
+            state,
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            kv,
+            meta,
+        )
+    )
     return [logits[cu[i] : cu[i + 1]] for i in range(len(seqs))]

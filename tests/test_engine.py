@@ -1,0 +1,206 @@
+"""Engine invariants on tiny fixture models: batching, chunking, preemption, caching, sampling."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve import engine as engine_mod
+from jaxserve.engine import EngineConfig
+from jaxserve.llm import LLM
+from jaxserve.llm_engine import LLMEngine
+from jaxserve.sampling_params import SamplingParams
+from tests.utils import full_forward
+
+
+def make_llm(model, **overrides) -> LLM:
+    cfg = dict(
+        page_size=4,
+        num_pages=96,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        max_prefill_seqs=4,
+        max_model_len=128,
+        attention_backend="reference",
+    )
+    cfg.update(overrides)
+    return LLM.from_engine(LLMEngine(model, None, EngineConfig(**cfg)))
+
+
+def ids_params(**kw) -> SamplingParams:
+    return SamplingParams(detokenize=False, ignore_eos=True, **kw)
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, n)] for n in lengths]
+
+
+def assert_greedy_without_cache(model, prompts: list[list[int]], outputs: list[list[int]]):
+    """Each output token is the argmax of a no-cache forward over prompt + the tokens before it
+    (one teacher-forced pass per sequence, equivalent to recomputing at every step)."""
+    full = [p + o for p, o in zip(prompts, outputs, strict=True)]
+    for prompt, out, logits in zip(prompts, outputs, full_forward(model, full), strict=True):
+        assert out == [int(t) for t in np.argmax(logits[len(prompt) - 1 : -1], axis=-1)]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3rope", "qwen2_moe", "qwen3"])
+def test_batched_greedy_equals_recompute(tiny_model, name):
+    model = tiny_model(name)
+    prompts = random_prompts(model.cfg.vocab_size, [3, 17, 9, 40])
+    outs = make_llm(model).generate(prompts, ids_params(temperature=0.0, max_tokens=8))
+    assert_greedy_without_cache(model, prompts, [o.outputs[0].token_ids for o in outs])
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+def test_alone_equals_batched_and_chunked_equals_one_shot(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [45, 7, 23])
+    params = ids_params(temperature=0.0, max_tokens=6, logprobs=2)
+    batched = make_llm(model).generate(prompts, params)
+    chunked = make_llm(model, max_num_batched_tokens=8, max_prefill_seqs=1).generate(
+        prompts, params
+    )
+    for i, prompt in enumerate(prompts):
+        alone = make_llm(model, max_num_batched_tokens=64).generate([prompt], params)[0]
+        for other in (batched[i], chunked[i]):
+            assert other.outputs[0].token_ids == alone.outputs[0].token_ids
+            for a, b in zip(other.outputs[0].logprobs, alone.outputs[0].logprobs, strict=True):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), atol=1e-4)
+
+
+def test_small_cache_preempts_and_gives_identical_outputs(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [20, 18, 22, 15, 19], seed=3)
+    params = ids_params(temperature=0.0, max_tokens=12)
+    big = make_llm(model).generate(prompts, params)
+    small_llm = make_llm(model, num_pages=12)
+    small = small_llm.generate(prompts, params)
+    assert small_llm.engine.stats()["num_preemptions"] > 0
+    assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
+    assert small_llm.engine.stats()["kv_used_tokens"] == 0
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [10, 14, 6], seed=5)
+    seeded = ids_params(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=10)
+    alone = make_llm(model).generate([prompts[0]], seeded)[0].outputs[0].token_ids
+    others = ids_params(temperature=1.0, max_tokens=10)
+    mixed = make_llm(model).generate(prompts, [seeded, others, others])[0].outputs[0].token_ids
+    assert alone == mixed
+    other_seed = ids_params(temperature=0.9, top_p=0.95, top_k=50, seed=99, max_tokens=10)
+    assert make_llm(model).generate([prompts[0]], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_share_prompt_pages(tiny_model):
+    model = tiny_model()
+    # 10 tokens with page_size 4: the last prompt page is shared and partly filled (copy-on-write).
+    prompt = random_prompts(model.cfg.vocab_size, [10], seed=7)[0]
+    llm = make_llm(model)
+    greedy = llm.generate([prompt], ids_params(temperature=0.0, max_tokens=6, n=3))[0]
+    assert [c.index for c in greedy.outputs] == [0, 1, 2]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == greedy.outputs[2].token_ids
+    assert_greedy_without_cache(model, [prompt], [greedy.outputs[0].token_ids])
+    sampled = llm.generate([prompt], ids_params(temperature=1.0, max_tokens=6, n=4, seed=3))[0]
+    assert len({tuple(c.token_ids) for c in sampled.outputs}) > 1
+    assert llm.engine.stats()["kv_used_tokens"] == 0
+
+
+def test_logprobs_and_prompt_logprobs_match_log_softmax(tiny_model):
+    model = tiny_model()
+    prompt = random_prompts(model.cfg.vocab_size, [13], seed=11)[0]
+    params = ids_params(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    out = make_llm(model, max_num_batched_tokens=8).generate([prompt], params)[0]
+    full = prompt + out.outputs[0].token_ids
+    logits = full_forward(model, [full])[0]
+    lsm = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        d = out.prompt_logprobs[pos]
+        assert prompt[pos] in d and len(d) <= 3
+        for tok, lp in d.items():
+            np.testing.assert_allclose(lp, lsm[pos - 1, tok], atol=1e-4)
+        top2 = np.argsort(-lsm[pos - 1])[:2]
+        assert set(int(t) for t in top2) <= set(d)
+    for j, d in enumerate(out.outputs[0].logprobs):
+        pos = len(prompt) + j - 1
+        tok = out.outputs[0].token_ids[j]
+        assert tok in d and len(d) <= 4
+        np.testing.assert_allclose(d[tok], lsm[pos, tok], atol=1e-4)
+        assert set(int(t) for t in np.argsort(-lsm[pos])[:3]) <= set(d)
+
+
+def test_stop_token_ids_min_tokens_and_max_tokens(tiny_model):
+    model = tiny_model()
+    prompt = random_prompts(model.cfg.vocab_size, [9], seed=2)[0]
+    free = make_llm(model).generate([prompt], ids_params(temperature=0.0, max_tokens=8))[0]
+    toks = free.outputs[0].token_ids
+    stop_at = toks[3]
+    first = toks.index(stop_at)
+    out = (
+        make_llm(model)
+        .generate([prompt], ids_params(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at]))[0]
+        .outputs[0]
+    )
+    assert out.token_ids == toks[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
+    # Below min_tokens the stop id is masked, so the continuation changes and runs longer.
+    held = (
+        make_llm(model)
+        .generate(
+            [prompt],
+            ids_params(
+                temperature=0.0, max_tokens=8, stop_token_ids=[stop_at], min_tokens=first + 1
+            ),
+        )[0]
+        .outputs[0]
+    )
+    assert stop_at not in held.token_ids[: first + 1]
+    assert len(held.token_ids) > first + 1 or held.finish_reason == "length"
+
+
+def test_abort_frees_pages(tiny_model):
+    model = tiny_model()
+    llm = make_llm(model)
+    eng = llm.engine
+    prompts = random_prompts(model.cfg.vocab_size, [30, 12], seed=4)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, ids_params(temperature=0.0, max_tokens=50))
+    eng.step()
+    eng.step()
+    assert eng.stats()["kv_used_tokens"] > 0
+    eng.abort_request("r0")
+    outs = eng.step()
+    aborted = [o for o in outs if o.request_id == "r0"]
+    assert aborted and aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
+    eng.abort_request("r1")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.stats()["kv_used_tokens"] == 0
+
+
+def test_invalid_requests_name_the_field(tiny_model):
+    eng = make_llm(tiny_model()).engine
+    with pytest.raises(ValueError, match="^prompt"):
+        eng.add_request("a", [], ids_params())
+    with pytest.raises(ValueError, match="^prompt_token_ids"):
+        eng.add_request("b", [1, 10**6], ids_params())
+    with pytest.raises(ValueError, match="^max_tokens"):
+        eng.add_request("c", [1, 2, 3], ids_params(max_tokens=200))
+    with pytest.raises(ValueError, match="^prompt"):
+        eng.add_request("d", "text needs a tokenizer", ids_params())
+    assert not eng.has_unfinished_requests()
+
+
+def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
+    model = tiny_model()
+    llm = make_llm(model, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32)
+    llm.engine.warmup()
+    sizes = (engine_mod._decode_step._cache_size(), engine_mod._prefill_step._cache_size())
+    prompts = random_prompts(model.cfg.vocab_size, [3, 9, 14, 5, 11], seed=9)
+    llm.generate(prompts, ids_params(temperature=0.0, max_tokens=12))
+    assert (engine_mod._decode_step._cache_size(), engine_mod._prefill_step._cache_size()) == sizes
