@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,13 +33,24 @@ from serving.scheduler import ScheduledSeq, StepPlan
 log = logging.getLogger(__name__)
 
 
-def powers_of_two_upto(n: int, start: int = 1) -> tuple[int, ...]:
+def geometric_upto(n: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
+    """start, start*factor, ... below n, then n itself."""
     out, b = [], start
     while b < n:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(n)
     return tuple(out)
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """Turn on JAX's persistent compilation cache so a restart skips recompiling the buckets."""
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pick(buckets: tuple[int, ...], n: int) -> int:
@@ -59,9 +71,17 @@ class EngineConfig:
     max_model_len: int = 4096
     attention_backend: str = "auto"
     kv_cache_cpu_bytes: int = 1 << 30  # cache size on CPU, which reports no free memory
+    # Compile-shape buckets; empty = derived: powers of two on accelerators, powers of four on
+    # CPU (where each compilation costs more than the padding it saves).
     decode_buckets: tuple[int, ...] = ()
     prefill_buckets: tuple[int, ...] = ()
     page_buckets: tuple[int, ...] = ()
+    compilation_cache_dir: str | None = field(
+        default_factory=lambda: os.environ.get(
+            "JAXSERVE_COMPILATION_CACHE",
+            os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"),
+        )
+    )
 
     def validate(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -133,8 +153,10 @@ class Engine:
         num_pages = cfg.num_pages or self._pages_from_memory(cfg)
         if num_pages < 2:
             raise ValueError(f"num_pages: need at least 2 (page 0 is reserved), got {num_pages}")
+        enable_compilation_cache(cfg.compilation_cache_dir)
+        factor = 4 if jax.devices()[0].platform == "cpu" else 2
         page_buckets = cfg.page_buckets or (
-            powers_of_two_upto(max_pages_per_seq, 4)
+            geometric_upto(max_pages_per_seq, 4, factor)
             if self.backend == "reference"
             else (max_pages_per_seq,)
         )
@@ -142,9 +164,9 @@ class Engine:
             **{
                 **cfg.__dict__,
                 "num_pages": num_pages,
-                "decode_buckets": cfg.decode_buckets or powers_of_two_upto(cfg.max_num_seqs),
+                "decode_buckets": cfg.decode_buckets or geometric_upto(cfg.max_num_seqs, 1, factor),
                 "prefill_buckets": cfg.prefill_buckets
-                or powers_of_two_upto(cfg.max_num_batched_tokens, 16),
+                or geometric_upto(cfg.max_num_batched_tokens, 16, factor),
                 "page_buckets": page_buckets,
             }
         )
@@ -342,7 +364,7 @@ class Engine:
             off += n
 
     def _copy(self, copies: list[tuple[int, int]]) -> None:
-        n = pick(powers_of_two_upto(max(len(copies), 1)), len(copies))
+        n = pick(geometric_upto(max(len(copies), 1)), len(copies))
         src = np.zeros(n, np.int32)
         dst = np.zeros(n, np.int32)
         src[: len(copies)] = [c[0] for c in copies]

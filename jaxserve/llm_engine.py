@@ -143,17 +143,13 @@ class LLMEngine:
 
     @classmethod
     def from_cli_args(cls, args) -> LLMEngine:
-        return cls.from_pretrained(
-            args.model,
-            dtype=args.dtype,
-            page_size=args.page_size,
-            num_pages=args.num_pages,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            kv_memory_fraction=args.kv_memory_fraction,
-            seed=args.seed,
-        )
+        """Build from `jaxserve serve` options; options left unset keep their defaults."""
+        names = (
+            "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
+            "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
+        )  # fmt: skip
+        given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        return cls.from_pretrained(args.model, **given)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(

@@ -33,6 +33,7 @@ ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("--dtype", str, "weight and activation dtype, e.g. bfloat16"),
     ("--seed", int, "engine random seed"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
+    ("--attention-backend", str, "auto (Mosaic GPU kernels on Hopper), reference or mosaic"),
 )
 
 EngineFactory = Callable[[argparse.Namespace], Engine]
