@@ -466,7 +466,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def running_server(
-    engine: FakeEngine, *, wait_serving: bool = True, **options: Any
+    engine: Any, *, wait_serving: bool = True, **options: Any
 ) -> Iterator[LiveServer]:
     """Serves `engine` on a free loopback port; always stops the server and its loop on exit."""
     from serving.client import Client
@@ -485,8 +485,9 @@ def running_server(
         yield live
     finally:
         if live is not None:
-            if engine.warmup_event is not None:
-                engine.warmup_event.set()
+            warmup_event = getattr(engine, "warmup_event", None)
+            if warmup_event is not None:
+                warmup_event.set()
             live.stop()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
