@@ -163,6 +163,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "dtype": None,
         "seed": None,
         "kv_memory_fraction": 0.5,
+        "attention_backend": None,
     }
     assert seen == {
         "engine": engine,
