@@ -1,0 +1,178 @@
+"""`throughput` mode: every request submitted at once to an in-process `LLMEngine`.
+
+Owns the offline-throughput figures: output, total and request throughput over the wall time from
+the first submission to the last token, preemptions, TTFT / TPOT / end-to-end latency of the
+requests, and how full the batch and the KV cache were. Request lengths come from
+`jaxserve.bench.sample_workload` (fixed, uniform ranges or ShareGPT-like synthetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxserve.bench import (
+    Workload,
+    add_common_args,
+    add_workload_args,
+    build_engine,
+    check_positive,
+    random_prompt,
+    report,
+    sample_workload,
+    workload_model_len,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "throughput",
+        help="offline throughput: all requests submitted at once",
+        description="Submit --num-requests requests at once (ignore_eos, max_tokens = the drawn "
+        "output length) and run the engine until all finish.",
+    )
+    add_common_args(p)
+    add_workload_args(p)
+    return p
+
+
+@dataclass
+class RunTrace:
+    """Per-request times (seconds from the first submission) and per-step engine state."""
+
+    first_token: list[float | None]
+    last_token: list[float]
+    output_tokens: list[int]
+    elapsed: float = 0.0
+    num_steps: int = 0
+    preemptions: int = 0
+    running: list[int] = field(default_factory=list)  # sequences running after each step
+    kv_usage: list[float] = field(default_factory=list)
+
+
+def run_all(
+    llm: Any, prompts: list[list[int]], output_lens: list[int], temperature: float
+) -> RunTrace:
+    from jaxserve.sampling_params import SamplingParams
+
+    n = len(prompts)
+    trace = RunTrace([None] * n, [0.0] * n, [0] * n)
+    preempted_before = llm.stats()["num_preemptions"]
+    detokenize = llm.tokenizer is not None
+    t0 = time.perf_counter()
+    for i, (prompt, out_len) in enumerate(zip(prompts, output_lens, strict=True)):
+        params = SamplingParams(
+            max_tokens=out_len, ignore_eos=True, temperature=temperature, detokenize=detokenize
+        )
+        llm.add_request(f"tp-{i}", prompt, params)
+    with tqdm(total=n, desc="throughput", unit="req", disable=None) as bar:
+        while llm.has_unfinished_requests():
+            outputs = llm.step()
+            now = time.perf_counter() - t0
+            trace.num_steps += 1
+            for out in outputs:
+                i = int(out.request_id[3:])
+                k = sum(len(c.token_ids) for c in out.outputs)
+                if k:
+                    trace.output_tokens[i] += k
+                    if trace.first_token[i] is None:
+                        trace.first_token[i] = now
+                    trace.last_token[i] = now
+                if out.finished:
+                    bar.update(1)
+            stats = llm.stats()
+            trace.running.append(stats["num_running"])
+            trace.kv_usage.append(stats["kv_usage"])
+    trace.elapsed = time.perf_counter() - t0
+    trace.preemptions = llm.stats()["num_preemptions"] - preempted_before
+    return trace
+
+
+def figures(trace: RunTrace, workload: Workload) -> dict[str, Any]:
+    n = len(workload)
+    out_tokens = sum(trace.output_tokens)
+    in_tokens = sum(workload.input_lens)
+    ttft = [f for f in trace.first_token if f is not None]
+    tpot = [
+        (last - first) / (k - 1)
+        for first, last, k in zip(
+            trace.first_token, trace.last_token, trace.output_tokens, strict=True
+        )
+        if first is not None and k > 1
+    ]
+    return {
+        "num_requests": n,
+        "elapsed_s": trace.elapsed,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "expected_output_tokens": sum(workload.output_lens),
+        "requests_per_s": report.ratio(n, trace.elapsed),
+        "output_throughput_tok_s": report.ratio(out_tokens, trace.elapsed),
+        "total_throughput_tok_s": report.ratio(in_tokens + out_tokens, trace.elapsed),
+        "preemptions": trace.preemptions,
+        "ttft_ms": report.summarize(ttft, 1e3),
+        "tpot_ms": report.summarize(tpot, 1e3),
+        "e2e_latency_ms": report.summarize(trace.last_token, 1e3),
+        "num_steps": trace.num_steps,
+        "mean_running_seqs": float(np.mean(trace.running)) if trace.running else None,
+        "peak_kv_usage": max(trace.kv_usage, default=None),
+        "input_len": report.summarize(workload.input_lens),
+        "output_len": report.summarize(workload.output_lens),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_positive(num_requests=args.num_requests)
+    env = report.environment()
+    t = time.perf_counter()
+    llm = build_engine(args, min_model_len=workload_model_len(args))
+    load_s = time.perf_counter() - t
+    warmup_s = llm.warmup()
+    rng = np.random.default_rng(args.seed)
+    workload = sample_workload(args, args.num_requests, rng, llm.max_model_len)
+    vocab = llm.model_config.vocab_size
+    prompts = [random_prompt(rng, n, vocab) for n in workload.input_lens]
+    with report.CompileCounter() as compiles:
+        trace = run_all(llm, prompts, workload.output_lens, args.temperature)
+    result = {
+        **report.metadata(args, "throughput", env),
+        "model": report.describe_model(llm, args),
+        "engine": {**report.describe_engine(llm), "load_s": load_s, "warmup_s": warmup_s},
+        "workload": {
+            "distribution": workload.distribution,
+            "params": workload.params,
+            "num_requests": len(workload),
+            "temperature": args.temperature,
+        },
+        "results": figures(trace, workload),
+        "compilations_while_timed": compiles.to_dict(),
+    }
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    r, w = result["results"], result["workload"]
+    dev = result["environment"]["device"]
+    rows = [
+        ("model", f"{result['model']['name']} ({result['model']['dtype']})"),
+        ("device", f"{dev['device_kind']} x{dev['count']}"),
+        ("workload", f"{w['num_requests']} requests, {w['distribution']}"),
+        ("input / output tokens", f"{r['total_input_tokens']:,} / {r['total_output_tokens']:,}"),
+        ("elapsed s", report.fmt(r["elapsed_s"])),
+        ("requests/s", report.fmt(r["requests_per_s"])),
+        ("output tok/s", report.fmt(r["output_throughput_tok_s"])),
+        ("total tok/s", report.fmt(r["total_throughput_tok_s"])),
+        ("TTFT ms", report.fmt_summary(r["ttft_ms"], ("mean", "p50", "p99"))),
+        ("TPOT ms", report.fmt_summary(r["tpot_ms"], ("mean", "p50", "p99"))),
+        ("preemptions", report.fmt(r["preemptions"])),
+        ("mean running seqs", report.fmt(r["mean_running_seqs"])),
+        ("peak KV usage", report.fmt(r["peak_kv_usage"], 3)),
+        report.compile_row(result["compilations_while_timed"]),
+    ]
+    report.print_table("jaxserve bench throughput", rows)

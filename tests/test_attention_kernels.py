@@ -1,0 +1,433 @@
+"""Tests of the attention kernels: the pure-JAX reference twins on any platform, checked against a
+dense per-sequence oracle, and the Mosaic GPU kernels against those twins on Hopper GPUs.
+
+The caches are built the way the engine builds them: pages handed out in a shuffled order, page 0
+left as the padding sink (filled with large garbage so any read of it shows), the tail of each
+sequence's last page holding stale keys, and unused block-table entries pointing at page 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _mosaic_decode, _mosaic_prefill, flash_attention, paged_attention
+
+ON_HOPPER = jax.devices()[0].platform == "gpu" and paged_attention.mosaic_available(
+    jax.devices()[0]
+)
+
+
+@pytest.fixture(autouse=True)
+def _exact_reference_matmuls():
+    """GPUs run float32 einsums as TF32 by default; the oracles and twins must not."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@dataclasses.dataclass
+class PagedCase:
+    """A filled paged cache and, per sequence, its keys/values as contiguous arrays."""
+
+    k_pages: np.ndarray  # [kv_heads, num_pages, page_size, D]
+    v_pages: np.ndarray
+    block_tables: np.ndarray  # [S, P] int32
+    seq_lens: np.ndarray  # [S] int32
+    k_seq: list[np.ndarray]  # per sequence [seq_len, kv_heads, D]
+    v_seq: list[np.ndarray]
+
+
+def make_paged_case(
+    rng: np.random.Generator,
+    seq_lens: list[int],
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    extra_pages: int = 3,
+) -> PagedCase:
+    pages_needed = [-(-n // page_size) for n in seq_lens]
+    p = max(max(pages_needed), 1) + 1  # one spare column so every row has an unused entry
+    num_pages = 1 + sum(pages_needed) + extra_pages
+    # Garbage everywhere a sequence does not own: page 0, spare pages, stale page tails.
+    k_pages = rng.uniform(50.0, 100.0, (kv_heads, num_pages, page_size, head_dim))
+    v_pages = rng.uniform(50.0, 100.0, (kv_heads, num_pages, page_size, head_dim))
+    order = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((len(seq_lens), p), np.int32)
+    k_seq, v_seq = [], []
+    nxt = 0
+    for i, n in enumerate(seq_lens):
+        ids = order[nxt : nxt + pages_needed[i]]
+        nxt += pages_needed[i]
+        tables[i, : len(ids)] = ids
+        k = rng.standard_normal((n, kv_heads, head_dim))
+        v = rng.standard_normal((n, kv_heads, head_dim))
+        for pos in range(n):
+            k_pages[:, ids[pos // page_size], pos % page_size] = k[pos]
+            v_pages[:, ids[pos // page_size], pos % page_size] = v[pos]
+        k_seq.append(k.astype(np.float32))
+        v_seq.append(v.astype(np.float32))
+    return PagedCase(
+        k_pages.astype(np.float32),
+        v_pages.astype(np.float32),
+        tables,
+        np.asarray(seq_lens, np.int32),
+        k_seq,
+        v_seq,
+    )
+
+
+def dense_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, q_offset: int, scale: float
+) -> np.ndarray:
+    """float32 causal attention of q [n, Hq, D] at positions q_offset.. over k/v [L, Hkv, D]."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    kh = np.repeat(k, hq // hkv, axis=1)  # query head h uses kv head h // group
+    vh = np.repeat(v, hq // hkv, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q, kh) * scale
+    allowed = np.arange(k.shape[0])[None, :] <= (q_offset + np.arange(n))[:, None]
+    scores = np.where(allowed[None], scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p, vh).astype(np.float32)
+
+
+def decode_oracle(q: np.ndarray, case: PagedCase, scale: float) -> np.ndarray:
+    out = np.zeros_like(q)
+    for b, n in enumerate(case.seq_lens):
+        if n > 0:
+            out[b] = dense_attention(q[b : b + 1], case.k_seq[b], case.v_seq[b], n - 1, scale)[0]
+    return out
+
+
+def prefill_inputs(
+    rng: np.random.Generator,
+    q_lens: list[int],
+    cached: list[int],
+    hq: int,
+    hkv: int,
+    d: int,
+    page_size: int,
+    pad_tokens: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, PagedCase]:
+    """Packed chunk queries (plus padding tokens), their positions, cu_q_lens, and the cache."""
+    case = make_paged_case(
+        rng, [c + n for c, n in zip(cached, q_lens, strict=True)], hkv, d, page_size
+    )
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t = int(cu[-1]) + pad_tokens
+    q = rng.standard_normal((t, hq, d)).astype(np.float32)
+    positions = np.zeros(t, np.int32)
+    for s, (c, n) in enumerate(zip(cached, q_lens, strict=True)):
+        positions[cu[s] : cu[s + 1]] = np.arange(c, c + n)
+    return q, positions, cu, case
+
+
+def prefill_oracle(
+    q: np.ndarray, cu: np.ndarray, cached: list[int], case: PagedCase, scale: float
+) -> np.ndarray:
+    out = np.zeros_like(q)
+    for s, c in enumerate(cached):
+        lo, hi = cu[s], cu[s + 1]
+        if hi > lo:
+            out[lo:hi] = dense_attention(q[lo:hi], case.k_seq[s], case.v_seq[s], c, scale)
+    return out
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    x = np.asarray(x, np.float32)
+    assert np.all(np.isfinite(x)), "non-finite output"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# --- reference twins (every platform) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("group", "page_size", "seq_lens"),
+    [
+        (1, 8, [1, 5, 8, 17]),
+        (4, 16, [33, 1, 16, 70]),
+        (8, 8, [9, 24, 2]),
+        (4, 8, [0, 13, 0, 40]),  # padding rows (seq_len 0) return zeros
+    ],
+)
+def test_paged_reference_matches_dense(group: int, page_size: int, seq_lens: list[int]) -> None:
+    rng = np.random.default_rng(hash((group, page_size, tuple(seq_lens))) % 2**32)
+    hkv, d = 2, 32
+    case = make_paged_case(rng, seq_lens, hkv, d, page_size)
+    q = rng.standard_normal((len(seq_lens), hkv * group, d)).astype(np.float32)
+    scale = d**-0.5
+    out = paged_attention.paged_attention_reference(
+        jnp.asarray(q),
+        jnp.asarray(case.k_pages),
+        jnp.asarray(case.v_pages),
+        jnp.asarray(case.block_tables),
+        jnp.asarray(case.seq_lens),
+        scale=scale,
+    )
+    ref = decode_oracle(q, case, scale)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
+    for b, n in enumerate(seq_lens):
+        if n == 0:
+            assert np.all(np.asarray(out)[b] == 0.0)
+
+
+@pytest.mark.parametrize(
+    ("group", "page_size", "q_lens", "cached"),
+    [
+        (1, 8, [5, 12], [0, 0]),  # fresh prompts, lengths not multiples of the page
+        (4, 16, [7, 1, 20], [9, 16, 3]),  # chunks whose prefix ends mid-page, a 1-token chunk
+        (8, 8, [3, 0, 11], [21, 4, 0]),  # an empty row between two sequences
+    ],
+)
+def test_prefill_reference_matches_dense(
+    group: int, page_size: int, q_lens: list[int], cached: list[int]
+) -> None:
+    rng = np.random.default_rng(hash((group, page_size, tuple(q_lens))) % 2**32)
+    hkv, d, pad = 2, 32, 5
+    q, positions, cu, case = prefill_inputs(
+        rng, q_lens, cached, hkv * group, hkv, d, page_size, pad_tokens=pad
+    )
+    scale = d**-0.5
+    out = flash_attention.prefill_attention_reference(
+        jnp.asarray(q),
+        jnp.asarray(case.k_pages),
+        jnp.asarray(case.v_pages),
+        jnp.asarray(positions),
+        jnp.asarray(case.block_tables),
+        jnp.asarray(case.seq_lens),
+        jnp.asarray(cu),
+        scale=scale,
+    )
+    out = np.asarray(out)
+    np.testing.assert_allclose(
+        out, prefill_oracle(q, cu, cached, case, scale), atol=2e-5, rtol=2e-5
+    )
+    assert np.all(out[cu[-1] :] == 0.0), "padding tokens must produce zeros"
+
+
+def test_references_agree_on_a_one_token_chunk() -> None:
+    """A one-token prefill chunk is a decode step: both twins must give the same answer."""
+    rng = np.random.default_rng(7)
+    hkv, g, d, page = 2, 4, 32, 8
+    q_lens, cached = [1, 1, 1], [12, 0, 30]
+    q, positions, cu, case = prefill_inputs(rng, q_lens, cached, hkv * g, hkv, d, page, 0)
+    args = (jnp.asarray(case.k_pages), jnp.asarray(case.v_pages))
+    bt, sl = jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens)
+    dec = paged_attention.paged_attention_reference(jnp.asarray(q), *args, bt, sl, scale=0.2)
+    pre = flash_attention.prefill_attention_reference(
+        jnp.asarray(q), *args, jnp.asarray(positions), bt, sl, jnp.asarray(cu), scale=0.2
+    )
+    np.testing.assert_allclose(np.asarray(dec), np.asarray(pre), atol=2e-5, rtol=2e-5)
+
+
+# --- pieces of the Mosaic GPU path that run anywhere ---------------------------------------------
+
+
+def test_mosaic_unavailable_off_hopper() -> None:
+    assert not paged_attention.mosaic_available(jax.devices("cpu")[0])
+
+
+def test_combine_splits_equals_one_softmax() -> None:
+    """Normalized partials merged by their log2-sum-exp equal attention over all keys at once."""
+    rng = np.random.default_rng(3)
+    rows, keys, d, parts = 3, 40, 8, 4
+    logits = rng.standard_normal((rows, keys)) * 3
+    v = rng.standard_normal((keys, d))
+    bounds = [0, 7, 7, 30, 40]  # the second split is empty
+    o_part = np.zeros((parts, rows, d), np.float32)
+    lse = np.full((parts, rows), -np.inf, np.float32)
+    for i in range(parts):
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi > lo:
+            e = np.exp2(logits[:, lo:hi] * np.log2(np.e))
+            o_part[i] = e @ v[lo:hi] / e.sum(1, keepdims=True)
+            lse[i] = np.log2(e.sum(1))
+    out = _mosaic_decode.combine_splits(jnp.asarray(o_part), jnp.asarray(lse))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(
+        np.asarray(out), p @ v / p.sum(1, keepdims=True), rtol=1e-5, atol=1e-5
+    )
+    empty = _mosaic_decode.combine_splits(
+        jnp.asarray(o_part), jnp.full_like(jnp.asarray(lse), -jnp.inf)
+    )
+    assert np.all(np.asarray(empty) == 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
+    """Each token row (padding included) is the valid row of exactly one work item, at the right
+    position, and tiles start 8-aligned."""
+    rng = np.random.default_rng(seed)
+    q_lens = rng.integers(0, 300, rng.integers(1, 6))
+    cached = rng.integers(0, 500, len(q_lens))
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t = int(cu[-1]) + int(rng.integers(0, 20))
+    t = max(t, _mosaic_prefill.TILE_ROWS)
+    work = np.asarray(
+        _mosaic_prefill.build_work_list(jnp.asarray(cu), jnp.asarray(cached + q_lens, jnp.int32), t)
+    )
+    covered = np.zeros(t, int)
+    for seq_row, tile_row, lo, hi, q_off, ctx in work:
+        assert tile_row % 8 == 0
+        rows = np.arange(max(lo, tile_row), min(hi, tile_row + _mosaic_prefill.TILE_ROWS))
+        covered[rows] += 1
+        if len(rows) and seq_row < len(q_lens) and lo < cu[-1]:
+            assert ctx == cached[seq_row] + q_lens[seq_row]
+            assert q_off == cached[seq_row] and lo == cu[seq_row]
+        elif len(rows):  # padding tokens: no keys
+            assert ctx == 0 and lo == cu[-1]
+    assert np.all(covered == 1)
+
+
+def test_decode_config_fills_the_gpu() -> None:
+    for batch, kv_heads, max_pages, page, d in [(1, 8, 2048, 16, 128), (32, 8, 256, 16, 128)]:
+        cfg = _mosaic_decode.choose_config(batch, kv_heads, max_pages, page, d, num_sms=132)
+        assert batch * kv_heads * cfg.num_splits >= 0.9 * 132
+        assert cfg.stages >= 2 and cfg.stages % 2 == 0
+        assert cfg.block_tokens % page == 0
+
+
+@pytest.mark.slow
+def test_mosaic_kernels_lower_for_cuda() -> None:
+    """Both kernels get through Mosaic GPU's layout inference and lowering (no GPU needed)."""
+    bf16 = jnp.bfloat16
+    kv = jax.ShapeDtypeStruct((8, 64, 16, 128), bf16)
+    tables = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    q = jax.ShapeDtypeStruct((4, 32, 128), bf16)
+    decode = jax.jit(lambda *a: _mosaic_decode.paged_decode(*a, scale=0.1))
+    decode.trace(q, kv, kv, tables, lens).lower(lowering_platforms=("cuda",))
+    q = jax.ShapeDtypeStruct((200, 32, 128), bf16)
+    cu = jax.ShapeDtypeStruct((5,), jnp.int32)
+    prefill = jax.jit(lambda *a: _mosaic_prefill.paged_prefill(*a, scale=0.1))
+    prefill.trace(q, kv, kv, tables, lens, cu).lower(lowering_platforms=("cuda",))
+
+
+# --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
+
+
+def hopper(test: Callable[..., None]) -> Callable[..., None]:
+    test = pytest.mark.gpu(test)
+    return pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU")(test)
+
+
+def _device_cache(
+    case: PagedCase, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    return (
+        jnp.asarray(case.k_pages, dtype),
+        jnp.asarray(case.v_pages, dtype),
+        jnp.asarray(case.block_tables),
+        jnp.asarray(case.seq_lens),
+    )
+
+
+@hopper
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "dtype"),
+    [
+        ([1, 17, 300, 0, 64, 1000], 4, 128, 16, jnp.bfloat16),
+        ([5000, 33], 8, 128, 64, jnp.float16),
+        ([129, 2048, 7], 1, 64, 128, jnp.bfloat16),
+        ([100, 3, 250, 64], 4, 64, 8, jnp.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("splits", [None, 5])
+def test_mosaic_decode_matches_reference(
+    lens: list[int], group: int, head_dim: int, page: int, dtype: jnp.dtype, splits: int | None
+) -> None:
+    rng = np.random.default_rng(len(lens) * 1000 + page)
+    hkv = 2
+    k, v, tables, seq_lens = _device_cache(make_paged_case(rng, lens, hkv, head_dim, page), dtype)
+    scale = head_dim**-0.5
+
+    def run(q: jax.Array) -> np.ndarray:
+        if splits is None:  # through the public dispatch
+            out = paged_attention.paged_attention(
+                q, k, v, tables, seq_lens, scale=scale, backend="mosaic"
+            )
+        else:
+            out = _mosaic_decode.paged_decode(
+                q, k, v, tables, seq_lens, scale=scale, num_splits=splits
+            )
+        return np.asarray(out.astype(jnp.float32))
+
+    # A first call on other queries leaves wrong values in any buffer the second may reuse.
+    run(jnp.asarray(rng.standard_normal((len(lens), hkv * group, head_dim)), dtype))
+    q = jnp.asarray(rng.standard_normal((len(lens), hkv * group, head_dim)), dtype)
+    out = run(q)
+    ref = paged_attention.paged_attention_reference(q, k, v, tables, seq_lens, scale=scale)
+    assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert np.all(out[b] == 0.0)
+
+
+@hopper
+def test_mosaic_decode_several_query_tokens() -> None:
+    """Two query tokens per sequence (speculative verification): each sees keys up to itself."""
+    rng = np.random.default_rng(11)
+    lens, hkv, g, d, page, qt = [2, 90, 700], 2, 4, 128, 16, 2
+    case = make_paged_case(rng, lens, hkv, d, page)
+    k, v, tables, seq_lens = _device_cache(case, jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((len(lens) * qt, hkv * g, d)), jnp.bfloat16)
+    out = _mosaic_decode.paged_decode(q, k, v, tables, seq_lens, scale=0.1, query_tokens=qt)
+    qf = np.asarray(q.astype(jnp.float32))
+    ref = np.zeros_like(qf)
+    for b, n in enumerate(lens):
+        ks = np.asarray(jnp.asarray(case.k_seq[b], jnp.bfloat16).astype(jnp.float32))
+        vs = np.asarray(jnp.asarray(case.v_seq[b], jnp.bfloat16).astype(jnp.float32))
+        ref[b * qt : (b + 1) * qt] = dense_attention(qf[b * qt : (b + 1) * qt], ks, vs, n - qt, 0.1)
+    assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= 1e-2
+
+
+@hopper
+@pytest.mark.parametrize(
+    ("q_lens", "cached", "group", "head_dim", "page", "pad", "dtype"),
+    [
+        ([300, 1, 77], [0, 40, 9], 4, 128, 16, 11, jnp.bfloat16),  # prefixes end mid-page
+        ([1000, 0, 130], [500, 0, 0], 8, 128, 64, 0, jnp.float16),  # an empty row
+        ([64, 257], [3000, 129], 1, 64, 16, 3, jnp.bfloat16),
+        ([5], [0], 4, 128, 8, 2, jnp.bfloat16),  # fewer tokens than one tile
+    ],
+)
+def test_mosaic_prefill_matches_reference(
+    q_lens: list[int],
+    cached: list[int],
+    group: int,
+    head_dim: int,
+    page: int,
+    pad: int,
+    dtype: jnp.dtype,
+) -> None:
+    rng = np.random.default_rng(sum(q_lens) + page)
+    hkv = 2
+    q, positions, cu, case = prefill_inputs(
+        rng, q_lens, cached, hkv * group, hkv, head_dim, page, pad
+    )
+    k, v, tables, seq_lens = _device_cache(case, dtype)
+    pos, cu = jnp.asarray(positions), jnp.asarray(cu)
+    scale = head_dim**-0.5
+
+    def run(q: jax.Array) -> np.ndarray:
+        out = flash_attention.prefill_attention(
+            q, k, v, pos, tables, seq_lens, cu, scale=scale, backend="mosaic"
+        )
+        return np.asarray(out.astype(jnp.float32))
+
+    run(jnp.asarray(rng.standard_normal(q.shape), dtype))  # leaves wrong values behind
+    q = jnp.asarray(q, dtype)
+    out = run(q)
+    ref = flash_attention.prefill_attention_reference(
+        q, k, v, pos, tables, seq_lens, cu, scale=scale
+    )
+    assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
+    assert np.all(out[int(cu[-1]) :] == 0.0), "padding tokens must produce zeros"

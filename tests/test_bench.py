@@ -1,0 +1,343 @@
+"""`jaxserve.bench`: every mode end to end on a tiny random model (CPU), and the arithmetic behind
+the figures: shapes, byte/FLOP accounting, workloads, arrivals and serving metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxserve.bench import parse_range, random_prompt, sample_workload, shapes
+from jaxserve.bench.__main__ import build_parser, main
+from jaxserve.bench.latency import ModelCost
+from jaxserve.bench.serve import (
+    RequestResult,
+    arrival_times,
+    figures,
+    parse_rates,
+    parse_slo,
+)
+from models import abstract_model
+
+# One engine shape for the in-process modes, so their compilations are shared: 3 usable pages of
+# 16 tokens hold two 14-token sequences but not two 30-token ones (the throughput run preempts).
+TINY = [
+    "--random-weights",
+    "tiny",
+    "--max-num-seqs",
+    "2",
+    "--max-num-batched-tokens",
+    "16",
+    "--max-model-len",
+    "32",
+    "--num-pages",
+    "4",
+]
+
+
+def run_cli(tmp_path: Path, mode: str, *extra: str) -> dict:
+    path = tmp_path / f"{mode}.json"
+    assert main([mode, *TINY, *extra, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def check_summary(s: dict, n: int | None = None) -> None:
+    assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+    assert s["min"] <= s["mean"] <= s["max"]
+    if n is not None:
+        assert s["n"] == n
+
+
+def check_metadata(d: dict, mode: str) -> None:
+    assert d["mode"] == mode
+    assert d["command_line"].startswith(f"python -m jaxserve.bench {mode} --random-weights tiny")
+    assert d["config"]["random_weights"] == "tiny"
+    assert d["environment"]["jax_version"]
+
+
+# ---- shapes and accounting ----------------------------------------------------------------------
+# Published parameter counts of the real checkpoints.
+PARAMS = {
+    "llama-3-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3-70b": 70_553_706_496,
+    "smollm2-135m": 134_515_008,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen3-30b-a3b": 30_532_122_624,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_shapes_have_published_parameter_counts(name):
+    cfg = shapes.model_config(name)
+    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg, jnp.bfloat16)))
+    assert sum(x.size for x in jax.tree.leaves(state)) == PARAMS[name]
+
+
+def test_unknown_shape_names_the_known_ones():
+    with pytest.raises(ValueError, match="llama-3-8b"):
+        shapes.model_config("llama-9")
+
+
+def test_decode_bytes_of_llama3_8b_skip_only_the_embedding_table():
+    cfg = shapes.model_config("llama-3-8b")
+    cost = ModelCost.from_state(nnx.state(abstract_model(cfg, jnp.bfloat16)), cfg, jnp.bfloat16)
+    embedding = cfg.vocab_size * cfg.hidden_size
+    assert cost.embedding_bytes == 2 * embedding
+    assert cost.weight_bytes(1) == 2 * (PARAMS["llama-3-8b"] - embedding)  # ~15.0 GB
+    # K and V of 32 layers x 8 KV heads x 128 dims, bf16.
+    assert cost.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    assert cost.decode_bytes(4, 1000) == cost.weight_bytes(4) + 1000 * cost.kv_bytes_per_token
+    # Dense: the weights read do not depend on the batch; 2 FLOPs per matmul weight per token.
+    assert cost.weight_bytes(64) == cost.weight_bytes(1)
+    assert cost.decode_flops(3, 0) == 3 * 2 * (PARAMS["llama-3-8b"] - embedding - 65 * 4096)
+
+
+def test_tied_embedding_is_read_as_the_output_projection():
+    cfg = shapes.model_config("llama-3.2-1b")
+    cost = ModelCost.from_state(nnx.state(abstract_model(cfg, jnp.bfloat16)), cfg, jnp.bfloat16)
+    assert cost.embedding_bytes == 0
+    assert cost.head_bytes == 2 * cfg.vocab_size * cfg.hidden_size
+    assert cost.weight_bytes(1) == 2 * PARAMS["llama-3.2-1b"]
+
+
+def test_moe_bytes_grow_with_the_experts_a_batch_touches():
+    cfg = shapes.model_config("mixtral-8x7b")
+    cost = ModelCost.from_state(nnx.state(abstract_model(cfg, jnp.bfloat16)), cfg, jnp.bfloat16)
+    # 32 layers x 8 experts x 3 matrices of 4096 x 14336.
+    assert cost.expert_params == 32 * 8 * 3 * 4096 * 14336
+    assert cost.experts_touched(1) == pytest.approx(2 / 8)
+    assert cost.experts_touched(2) == pytest.approx(1 - (6 / 8) ** 2)
+    assert cost.weight_bytes(1) < cost.weight_bytes(8) < cost.weight_bytes(1000)
+    assert cost.weight_bytes(10**6) == pytest.approx(
+        cost.dense_bytes + cost.head_bytes + cost.expert_bytes
+    )
+    # Per token only top-k of the experts compute.
+    per_token = cost.dense_matmul_params + cost.expert_params * 2 / 8 + cost.head_params
+    assert cost.decode_flops(1, 0) == pytest.approx(2 * per_token)
+
+
+def test_prefill_flops_count_causal_attention_and_one_logits_row():
+    cfg = shapes.model_config("tiny")
+    cost = ModelCost.from_state(nnx.state(abstract_model(cfg, jnp.float32)), cfg, jnp.float32)
+    s = 10
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (s * (s + 1) // 2)
+    expected = 2 * cost.dense_matmul_params * s + 2 * cost.head_params + attention
+    assert cost.prefill_flops(s) == expected
+
+
+# ---- workloads, arrivals, serving metrics -------------------------------------------------------
+def workload_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["throughput", *argv])
+
+
+def test_uniform_ranges_stay_inside_their_bounds():
+    args = workload_args("--input-len-range", "5:9", "--output-len", "3")
+    w = sample_workload(args, 200, np.random.default_rng(0), 64)
+    assert w.distribution == "uniform"
+    assert set(w.input_lens) == set(range(5, 10))
+    assert set(w.output_lens) == {3}
+
+
+def test_fixed_lengths_longer_than_the_context_are_refused():
+    args = workload_args("--input-len", "30", "--output-len", "10")
+    with pytest.raises(ValueError, match="max_model_len"):
+        sample_workload(args, 4, np.random.default_rng(0), 32)
+
+
+def test_sharegpt_synthetic_is_long_tailed_and_clipped_to_the_context():
+    args = workload_args("--dataset", "sharegpt-synthetic")
+    w = sample_workload(args, 4000, np.random.default_rng(0), 100_000)
+    assert 100 < np.median(w.input_lens) < 140
+    assert 130 < np.median(w.output_lens) < 170
+    assert np.mean(w.input_lens) > 1.3 * np.median(w.input_lens)  # long right tail
+    clipped = sample_workload(args, 4000, np.random.default_rng(0), 256)
+    totals = np.add(clipped.input_lens, clipped.output_lens)
+    assert totals.max() <= 256
+    assert min(clipped.input_lens) >= 4 and min(clipped.output_lens) >= 4
+
+
+def test_random_prompts_are_seeded_and_span_the_vocabulary():
+    a = random_prompt(np.random.default_rng(3), 64, 512)
+    assert a == random_prompt(np.random.default_rng(3), 64, 512)
+    assert all(0 <= t < 512 for t in a)
+    assert len(set(a)) > 32
+
+
+def test_parse_options():
+    assert parse_range("3:7") == (3, 7)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_range("7:3")
+    assert parse_rates("1,2.5,inf") == [1.0, 2.5, math.inf]
+    assert parse_slo("ttft_ms=200,tpot_ms=50") == {"ttft_ms": 200.0, "tpot_ms": 50.0}
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_slo("latency=3")
+
+
+def test_poisson_and_gamma_arrivals():
+    rng = np.random.default_rng(0)
+    t = arrival_times(20_000, 4.0, 1.0, rng)
+    gaps = np.diff(t)
+    assert t[0] == 0.0 and np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.05)  # exponential
+    bursty = np.diff(arrival_times(20_000, 4.0, 0.25, np.random.default_rng(0)))
+    assert bursty.mean() == pytest.approx(0.25, rel=0.05)
+    assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.05)  # 1 / sqrt(shape)
+    assert not arrival_times(5, math.inf, 1.0, rng).any()
+    with pytest.raises(ValueError, match="burstiness"):
+        arrival_times(5, 1.0, 0.0, rng)
+
+
+def _result(ttft: float, gaps: list[float], input_len: int = 10) -> RequestResult:
+    """A completed request with one token at `ttft`, then one per gap."""
+    e2e = ttft + sum(gaps)
+    return RequestResult(
+        input_len=input_len,
+        output_len=len(gaps) + 1,
+        ok=True,
+        output_tokens=len(gaps) + 1,
+        ttft=ttft,
+        e2e=e2e,
+        itl=list(gaps),
+        end=e2e,
+    )
+
+
+def test_serving_figures_on_synthetic_timestamps():
+    results = [
+        _result(0.100, [0.020, 0.030, 0.040]),  # TPOT 30 ms
+        _result(0.300, [0.010, 0.010]),  # TPOT 10 ms
+        _result(0.050, [0.100]),  # TPOT 100 ms
+        RequestResult(input_len=10, output_len=4, error="UNAVAILABLE: draining"),
+    ]
+    f = figures(results, duration=2.0, slo={"ttft_ms": 200.0, "tpot_ms": 50.0})
+    assert (f["completed"], f["failed"]) == (3, 1)
+    assert f["errors"] == {"UNAVAILABLE: draining": 1}
+    assert f["total_output_tokens"] == 4 + 3 + 2
+    assert f["total_input_tokens"] == 30
+    assert f["output_throughput_tok_s"] == pytest.approx(9 / 2.0)
+    assert f["total_throughput_tok_s"] == pytest.approx(39 / 2.0)
+    assert f["request_throughput_req_s"] == pytest.approx(1.5)
+    assert f["ttft_ms"]["mean"] == pytest.approx(150.0)
+    assert f["ttft_ms"]["p50"] == pytest.approx(100.0)
+    assert f["tpot_ms"]["mean"] == pytest.approx((30 + 10 + 100) / 3)
+    assert f["itl_ms"]["n"] == 6
+    assert f["itl_ms"]["max"] == pytest.approx(100.0)
+    assert f["e2e_latency_ms"]["max"] == pytest.approx(320.0)
+    # Only the first request meets both bounds (the second is slow to start, the third to decode).
+    assert f["good_requests"] == 1
+    assert f["goodput_req_s"] == pytest.approx(0.5)
+    assert f["slo_attainment"] == pytest.approx(0.25)
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"):
+        check_summary(f[key])
+    assert figures(results, 2.0, None)["goodput_req_s"] is None
+
+
+# ---- the modes end to end -----------------------------------------------------------------------
+def test_latency_mode(tmp_path):
+    batch, inp, out, iters = 2, 8, 6, 2
+    d = run_cli(
+        tmp_path,
+        "latency",
+        *("--batch-size", str(batch), "--input-len", str(inp), "--output-len", str(out)),
+        *("--num-iters", str(iters), "--warmup-iters", "1"),
+    )
+    check_metadata(d, "latency")
+    assert d["environment"]["device"]["count"] >= 1
+    assert d["model"]["hf_config"]["hidden_size"] == 64
+    r, cost = d["results"], d["cost"]
+    n_req = batch * iters
+    for key, n in (("ttft_ms", n_req), ("tpot_ms", n_req), ("e2e_latency_ms", iters)):
+        check_summary(r[key], n)
+    # Both prompts fit one prefill step, so every later step decodes the whole batch.
+    assert r["num_decode_steps"] == iters * (out - 1)
+    assert r["mean_decode_batch"] == batch
+    assert r["mean_context_len"] == inp + out / 2
+    assert r["tpot_ms"]["mean"] * (out - 1) == pytest.approx(r["decode_time_ms"]["mean"])
+    assert r["e2e_latency_ms"]["max"] >= r["ttft_ms"]["max"]
+    assert r["output_tokens"] == n_req * out
+    e2e_s = r["e2e_latency_ms"]["mean"] * iters / 1e3
+    assert r["output_throughput_tok_s"] == pytest.approx(r["output_tokens"] / e2e_s)
+    # MBU: weights (no embedding table) + the KV cache at the mean context, per step time.
+    step_bytes = cost["weight_bytes_read_per_decode_step_batch1"] + (
+        cost["kv_bytes_per_token"] * batch * r["mean_context_len"]
+    )
+    assert r["decode_bytes_per_step"] == pytest.approx(step_bytes)
+    assert (
+        cost["dense_bytes"] + cost["head_bytes"] + cost["embedding_bytes_not_read"]
+        == (d["model"]["param_bytes"])
+    )
+    bw = d["ceilings"]["memory_bandwidth"]["bytes_per_s"]
+    assert r["mbu"] == pytest.approx(r["decode_bandwidth_bytes_s"] / bw)
+    step_s = r["decode_step_ms"]["mean"] / 1e3
+    assert r["decode_bandwidth_bytes_s"] == pytest.approx(step_bytes / step_s)
+    assert 0 < r["decode_mfu"] and 0 < r["prefill_mfu"]
+    assert r["preemptions"] == 0
+    assert isinstance(d["compilations_while_timed"]["count"], int)
+
+
+def test_throughput_mode(tmp_path):
+    d = run_cli(
+        tmp_path,
+        "throughput",
+        *("--num-requests", "6", "--input-len-range", "6:14", "--output-len-range", "8:16"),
+    )
+    check_metadata(d, "throughput")
+    r = d["results"]
+    assert d["workload"]["distribution"] == "uniform"
+    assert r["num_requests"] == 6
+    # ignore_eos: every request runs to its drawn length.
+    assert r["total_output_tokens"] == r["expected_output_tokens"]
+    assert 6 * 8 <= r["total_output_tokens"] <= 6 * 16
+    assert r["output_throughput_tok_s"] == pytest.approx(r["total_output_tokens"] / r["elapsed_s"])
+    total = r["total_input_tokens"] + r["total_output_tokens"]
+    assert r["total_throughput_tok_s"] == pytest.approx(total / r["elapsed_s"])
+    assert r["requests_per_s"] == pytest.approx(6 / r["elapsed_s"])
+    # Two sequences of up to 30 tokens need 4 pages; the cache has 3.
+    assert r["preemptions"] > 0
+    assert r["peak_kv_usage"] <= 1.0
+    for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms"):
+        check_summary(r[key], 6)
+    assert r["e2e_latency_ms"]["max"] <= r["elapsed_s"] * 1e3
+
+
+def test_serve_mode_against_its_own_server(tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    d = run_cli(
+        tmp_path,
+        "serve",
+        *("--num-requests", "6", "--input-len", "8", "--output-len", "5"),
+        *("--sweep", "40,inf", "--warmup-requests", "2", "--slo", "ttft_ms=1000,tpot_ms=100"),
+        *("--plot", str(plot)),
+    )
+    check_metadata(d, "serve")
+    assert d["server"]["started_by_bench"]
+    assert d["server_info"]["vocab_size"] == 512
+    assert [run["request_rate"] for run in d["runs"]] == [40.0, "inf"]
+    for run in d["runs"]:
+        r = run["results"]
+        assert (r["completed"], r["failed"]) == (6, 0)
+        assert r["total_output_tokens"] == 6 * 5
+        assert r["output_throughput_tok_s"] == pytest.approx(30 / r["duration_s"])
+        assert 0 <= r["goodput_req_s"] <= r["request_throughput_req_s"]
+        assert r["slo_attainment"] == pytest.approx(r["good_requests"] / 6)
+        for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms"):
+            check_summary(r[key], 6)
+        check_summary(r["itl_ms"])
+        assert r["e2e_latency_ms"]["min"] >= r["ttft_ms"]["min"]
+        assert 1 <= run["peak_concurrency"] <= 6
+    # The PNG is drawn where matplotlib is installed; otherwise the run says so and goes on.
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert d["plot"] is None and "matplotlib is not installed" in capsys.readouterr().err
+    else:
+        assert d["plot"] == str(plot) and plot.stat().st_size > 0
