@@ -13,6 +13,7 @@ benchmarks of models too big to build on the host).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,7 @@ from flax import nnx
 import jaxserve
 from jaxserve.config import ModelConfig
 from models import CausalLM, abstract_model
+from models.layers import init_value
 
 FORMAT_VERSION = 1
 MARKER = "jaxserve.json"
@@ -228,23 +230,31 @@ def random_model(
     seed: int = 0,
     shardings: Shardings | None = None,
 ) -> CausalLM:
-    """A model with random weights, initialised on device (sharded when `shardings` is given).
+    """A model with random weights, made on device (sharded when `shardings` is given).
 
-    The initialiser runs under `jit` with the shardings as `out_shardings`, so each device only
-    materialises its own shards and nothing the size of the model is built on the host.
+    Each weight is drawn by a small jitted function per (shape, dtype, init kind, sharding) with
+    the sharding as `out_shardings`, from the init kind its declaration carries: a few tiny
+    compilations instead of one of the whole model, and nothing model-sized on the host.
     """
     dt = jnp.dtype(dtype_name(dtype))
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dt))
-    out_shardings = None
-    if shardings is not None:
-        out_shardings = _shardings_tree(shardings, nnx.to_pure_dict(abstract_state))
-    init = jax.jit(_init_params, static_argnums=(0, 1), out_shardings=out_shardings)
-    values = init(cfg, dt, jax.random.key(seed))
+    pure = nnx.to_pure_dict(abstract_state)
+    shard_tree = _shardings_tree(shardings, pure)
+    flat_shardings = dict(nnx.traversals.flatten_mapping(shard_tree))
+    key = jax.random.key(seed)
+    values: dict[tuple, jax.Array] = {}
+    for i, (path, var) in enumerate(abstract_state.flat_state()):
+        meta = var.get_metadata()
+        sharding = flat_shardings[tuple(path)]
+        make = _random_init_fn(var.shape, var.dtype, meta.get("init", "normal"), sharding)
+        values[tuple(path)] = make(jax.random.fold_in(key, i))
     state = jax.tree.map(lambda x: x, abstract_state)
-    nnx.replace_by_pure_dict(state, values)
+    nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(values))
     return nnx.merge(graphdef, state)
 
 
-def _init_params(cfg: ModelConfig, dtype: jnp.dtype, key: jax.Array) -> dict[Any, Any]:
-    # Module level with the key as an argument, so other seeds reuse the compiled initialiser.
-    return nnx.to_pure_dict(nnx.state(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(key))))
+@functools.cache
+def _random_init_fn(shape, dtype, init: str, sharding):
+    return jax.jit(
+        functools.partial(init_value, shape=shape, dtype=dtype, init=init), out_shardings=sharding
+    )

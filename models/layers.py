@@ -25,7 +25,8 @@ def param(
     dtype: jnp.dtype,
     init: str = "normal",
 ) -> nnx.Param:
-    """Declare one weight. `init` is 'normal' (std 0.02), 'ones' or 'zeros'."""
+    """Declare one weight. `init` is 'normal' (std 0.02), 'ones' or 'zeros'; it is kept as metadata
+    so random weights can be made per parameter on device (`init_value`)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -34,7 +35,16 @@ def param(
     else:
         assert rngs is not None
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, axes=axes)
+    return nnx.Param(value, axes=axes, init=init)
+
+
+def init_value(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype, init: str) -> jax.Array:
+    """The random value `param` gives a weight of this init kind (used under jit, per weight)."""
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    if init == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, dtype)).astype(dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

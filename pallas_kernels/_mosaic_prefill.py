@@ -6,10 +6,9 @@ Design (FlashAttention-3 style, paged):
 - The packed query tokens are cut, per sequence, into tiles of 128 rows: the work list, built by a
   few small XLA ops, has one item per tile (padding tokens form one more sequence with no keys, so
   they come out as zeros); items are ordered longest-first so the causal tail is short.
-- Persistent CTAs, one per SM, walk the (work item, query head) units round-robin. Two compute
-  warpgroups take 64 rows each and alternate their matmuls and softmax (ping-pong on a shared
-  barrier); a third streams K/V pages with TMA (one copy per page, `stages` steps of 128 keys in
-  flight) without stopping between units, so the next unit's keys arrive during an epilogue.
+- One CTA per (query head, work item). Two compute warpgroups take 64 rows each and alternate
+  their matmuls and softmax (ping-pong on a shared barrier); a third streams K/V pages with TMA
+  (one copy per page, `stages` steps of 128 keys in flight) for both.
 - TMA reads the query tile from an 8-aligned row (Mosaic's tiled copies need it), so up to 7 rows
   of the previous sequence ride along; rows outside the sequence are masked out and never
   written. Results are written with a ladder of power-of-two TMA stores covering exactly the
@@ -30,8 +29,6 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._mosaic_decode import num_sms
-
 LOG2E = math.log2(math.e)
 WG_ROWS = 64  # query rows per compute warpgroup (wgmma M)
 COMPUTE_WGS = 2
@@ -43,7 +40,6 @@ SMEM_BYTES = 227 * 1024
 class PrefillConfig:
     block_kv: int  # keys per pipeline step
     stages: int
-    num_ctas: int  # persistent CTAs, one per SM
 
 
 def supported(q_dtype: jnp.dtype, kv_dtype: jnp.dtype, head_dim: int, page_size: int) -> str:
@@ -59,12 +55,12 @@ def supported(q_dtype: jnp.dtype, kv_dtype: jnp.dtype, head_dim: int, page_size:
     return ""
 
 
-def choose_config(head_dim: int, num_sms: int) -> PrefillConfig:
+def choose_config(head_dim: int) -> PrefillConfig:
     block_kv = 128
     fixed = 2 * COMPUTE_WGS * WG_ROWS * head_dim * 2 + 1024  # q tiles + output staging
     stage_bytes = 2 * block_kv * head_dim * 2
     stages = min(4, (SMEM_BYTES - fixed) // stage_bytes)
-    return PrefillConfig(block_kv=block_kv, stages=stages, num_ctas=num_sms)
+    return PrefillConfig(block_kv=block_kv, stages=stages)
 
 
 def build_work_list(cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int) -> jax.Array:
@@ -121,8 +117,7 @@ def _prefill_call(
     bk, stages = cfg.block_kv, cfg.stages
     pages_per_step = bk // page_size
     max_pages = block_tables.shape[1]
-    units = work.shape[0] * hq  # (work item, query head) pairs, heads of an item adjacent
-    num_ctas = min(cfg.num_ctas, units)
+    items = work.shape[0]
     qk_scale = scale * LOG2E
     swizzle = plgpu.find_swizzle(d * 2 * 8)
     tiles = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
@@ -130,181 +125,154 @@ def _prefill_call(
     def kernel(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref, scratch):
         q_smem, k_smem, v_smem, o_smem, bars = scratch
         q_bar, k_bar, v_bar, k_free, v_free, sched = bars
-        cta = lax.axis_index("cta")
+        h = lax.axis_index("head")
+        it = lax.axis_index("item")
         wg = lax.axis_index("wg")
-        # Persistent CTAs: CTA c takes units c, c + num_ctas, ...; pipeline slots and barrier
-        # phases run on across units, so the next unit's K/V stream in during this epilogue.
-        my_units = lax.div(units - cta + (num_ctas - 1), num_ctas)
+        seq_row = work_ref[it, 0]
+        tile_row = work_ref[it, 1]
+        lo, hi = work_ref[it, 2], work_ref[it, 3]
+        q_off, ctx = work_ref[it, 4], work_ref[it, 5]
 
         def schedule() -> None:
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
-        def unit_info(u):
-            unit = cta + u * num_ctas
-            it, h = lax.div(unit, hq), lax.rem(unit, hq)
-            return h, [work_ref[it, i] for i in range(6)]
-
-        def rows_of(info, w):
+        def rows_of(w):
             """Valid row range [a, b) of warpgroup w's 64 rows, and the position of its row 0."""
-            _, tile_row, lo, hi, q_off, _ = info
             r0 = tile_row + w * WG_ROWS
             a = jnp.clip(lo - r0, 0, WG_ROWS)
             b = jnp.clip(hi - r0, 0, WG_ROWS)
             return a, b, q_off + r0 - lo
 
-        def kv_end(info, w):
-            a, b, pos0 = rows_of(info, w)
-            return jnp.where(b > a, jnp.minimum(pos0 + b, info[5]), 0)
+        def kv_end(w):
+            a, b, pos0 = rows_of(w)
+            return jnp.where(b > a, jnp.minimum(pos0 + b, ctx), 0)
 
-        def kv_steps(info, w=None):
-            end = jnp.maximum(kv_end(info, 0), kv_end(info, 1)) if w is None else kv_end(info, w)
-            return lax.div(end + (bk - 1), bk)
+        n_kv = lax.div(jnp.maximum(kv_end(0), kv_end(1)) + (bk - 1), bk)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            row = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+            a, b, pos0 = rows_of(wg)
+            n_mine = lax.div(kv_end(wg) + (bk - 1), bk)
+            # Steps whose keys all precede the first valid row's position need no mask.
+            n_full = jnp.clip(lax.div(jnp.maximum(pos0 + a + 1, 0), bk), 0, n_mine)
+            r0 = lax.div(tile_row, 8) * 8 + wg * WG_ROWS  # written so Mosaic sees the alignment
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(r0, WG_ROWS), h], q_smem.at[wg], q_bar.at[wg])
+            row_pos = pos0 + plgpu.broadcasted_iota(
+                jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA
+            )
             col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_bar.at[wg])
 
-            def unit_body(u, first_step):
-                h, info = unit_info(u)
-                tile_row = info[1]
-                a, b, pos0 = rows_of(info, wg)
-                n_kv, n_mine = kv_steps(info), kv_steps(info, wg)
-                # Steps whose keys all precede the first valid row's position need no mask.
-                n_full = jnp.clip(lax.div(jnp.maximum(pos0 + a + 1, 0), bk), 0, n_mine)
-                r0 = lax.div(tile_row, 8) * 8 + wg * WG_ROWS  # so Mosaic sees the alignment
-                plgpu.copy_gmem_to_smem(
-                    q_ref.at[pl.ds(r0, WG_ROWS), h], q_smem.at[wg], q_bar.at[wg]
-                )
-                row_pos = pos0 + row
-                plgpu.barrier_wait(q_bar.at[wg])
+            def step(j, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
 
-                def step(j, carry, masked: bool):
-                    acc, m_i, l_i = carry
-                    slot = lax.rem(first_step + j, stages)
-                    plgpu.barrier_wait(k_bar.at[slot])
-
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
-                        schedule()
-                        return acc_ref[...]
-
-                    s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    if masked:
-                        s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
-                    # Scale the row max, not the tile: exp2(s * c - m) is one FMA per score.
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
-                    # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
-                    plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l_i
-
-                def release(j, carry):
-                    # Steps only the other warpgroup needs: give the slots back unread, taking
-                    # part in the same two schedule phases as `step`. Waiting for the data keeps
-                    # this warpgroup from arriving twice on a slot before the other once.
-                    slot = lax.rem(first_step + j, stages)
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
                     schedule()
-                    schedule()
-                    return carry
+                    return acc_ref[...]
 
-                m0 = plgpu.layout_cast(
-                    jnp.full((WG_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-                )
-                l0 = plgpu.layout_cast(
-                    jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-                )
-                acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
-                carry = (acc0, m0, l0)
-                pl.when(wg == 1)(schedule)  # warpgroup 1 runs one phase behind warpgroup 0
-                carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-                carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
-                lax.fori_loop(n_mine, n_kv, release, None)
-                pl.when(wg == 0)(schedule)
-                acc, _, l_i = carry
-                nonzero = l_i > 0.0
-                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last unit's stores read o_smem
-                o_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-                plgpu.commit_smem()
-                # Rows [a, b) go out as power-of-two pieces: TMA boxes have static shapes.
-                base = a
-                size = WG_ROWS
-                while size >= 1:
-                    piece = (b - a) & size
+                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
+                # Scale the row max, not the tile: exp2(s * c - m) is then one FMA per score.
+                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
 
-                    @pl.when(piece != 0)
-                    def _store(base=base, size=size):
-                        plgpu.copy_smem_to_gmem(
-                            o_smem.at[wg, pl.ds(base, size)],
-                            out_ref.at[pl.ds(tile_row + wg * WG_ROWS + base, size), h],
-                        )
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-                    base = base + piece
-                    size //= 2
-                return first_step + n_kv
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
 
-            lax.fori_loop(0, my_units, unit_body, jnp.int32(0))
+            def release(j, carry):
+                # Steps only the other warpgroup needs: give the slots back unread, taking part
+                # in the same two schedule phases as `step`. Waiting for the data first keeps
+                # this warpgroup from arriving twice on a slot before the other one once.
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                schedule()
+                schedule()
+                return carry
+
+            m0 = plgpu.layout_cast(
+                jnp.full((WG_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+            )
+            l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+            carry = (acc0, m0, l0)
+            pl.when(wg == 1)(schedule)  # warpgroup 1 runs one phase behind warpgroup 0
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
+            lax.fori_loop(n_mine, n_kv, release, None)
+            pl.when(wg == 0)(schedule)
+            acc, _, l_i = carry
+            nonzero = l_i > 0.0
+            inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
+            o_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            # Rows [a, b) go out as power-of-two pieces: TMA boxes have static shapes.
+            base = a
+            size = WG_ROWS
+            while size >= 1:
+                piece = (b - a) & size
+
+                @pl.when(piece != 0)
+                def _store(base=base, size=size):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[wg, pl.ds(base, size)],
+                        out_ref.at[pl.ds(tile_row + wg * WG_ROWS + base, size), h],
+                    )
+
+                base = base + piece
+                size //= 2
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, group)
+            k_head, v_head = k_ref.at[kvh], v_ref.at[kvh]
 
-            def unit_body(u, first_step):
-                h, info = unit_info(u)
-                seq_row = info[0]
-                kvh = lax.div(h, group)
-                k_head, v_head = k_ref.at[kvh], v_ref.at[kvh]
-                n_kv = kv_steps(info)
+            @pl.loop(0, n_kv)
+            def _issue(j):
+                slot = lax.rem(j, stages)
+                pages = [
+                    bt_ref[seq_row, jnp.minimum(j * pages_per_step + i, max_pages - 1)]
+                    for i in range(pages_per_step)
+                ]
 
-                @pl.loop(0, n_kv)
-                def _issue(j):
-                    g = first_step + j
-                    slot = lax.rem(g, stages)
-                    pages = [
-                        bt_ref[seq_row, jnp.minimum(j * pages_per_step + i, max_pages - 1)]
-                        for i in range(pages_per_step)
-                    ]
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-                    @pl.when(g >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
+                for i, page in enumerate(pages):
+                    dst = k_smem.at[slot, pl.ds(i * page_size, page_size)]
+                    plgpu.copy_gmem_to_smem(k_head.at[page], dst, k_bar.at[slot])
 
-                    for i, page in enumerate(pages):
-                        dst = k_smem.at[slot, pl.ds(i * page_size, page_size)]
-                        plgpu.copy_gmem_to_smem(k_head.at[page], dst, k_bar.at[slot])
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
 
-                    @pl.when(g >= stages)
-                    def _():
-                        plgpu.barrier_wait(v_free.at[slot])
-
-                    for i, page in enumerate(pages):
-                        dst = v_smem.at[slot, pl.ds(i * page_size, page_size)]
-                        plgpu.copy_gmem_to_smem(v_head.at[page], dst, v_bar.at[slot])
-
-                return first_step + n_kv
-
-            lax.fori_loop(0, my_units, unit_body, jnp.int32(0))
+                for i, page in enumerate(pages):
+                    dst = v_smem.at[slot, pl.ds(i * page_size, page_size)]
+                    plgpu.copy_gmem_to_smem(v_head.at[page], dst, v_bar.at[slot])
 
     def entry(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref):
         kv_tile = plgpu.SMEM((stages, bk, d), dtype, transforms=tiles)
@@ -328,8 +296,8 @@ def _prefill_call(
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((t, hq, d), dtype),
-        grid=(num_ctas,),
-        grid_names=("cta",),
+        grid=(hq, items),
+        grid_names=("head", "item"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -349,7 +317,7 @@ def paged_prefill(
 ) -> jax.Array:
     """q: [T, q_heads, D] packed chunks; see `prefill_attention_reference` for the contract."""
     t, _, d = q.shape
-    cfg = choose_config(d, num_sms())
+    cfg = choose_config(d)
     # Query tiles are read (and outputs written) in boxes of up to 64 rows, and Mosaic's tiled
     # TMA wants the row count a multiple of 8: pad the arrays to that (a copy, only when T is not
     # already one).

@@ -305,7 +305,7 @@ def test_mosaic_kernels_lower_for_cuda() -> None:
     q = jax.ShapeDtypeStruct((4, 32, 128), bf16)
     decode = jax.jit(lambda *a: _mosaic_decode.paged_decode(*a, scale=0.1))
     decode.trace(q, kv, kv, tables, lens).lower(lowering_platforms=("cuda",))
-    q = jax.ShapeDtypeStruct((200, 32, 128), bf16)
+    q = jax.ShapeDtypeStruct((197, 32, 128), bf16)  # not a multiple of 8: padded
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
     prefill = jax.jit(lambda *a: _mosaic_prefill.paged_prefill(*a, scale=0.1))
     prefill.trace(q, kv, kv, tables, lens, cu).lower(lowering_platforms=("cuda",))
