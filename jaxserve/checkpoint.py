@@ -243,7 +243,7 @@ def random_model(
     flat_shardings = dict(nnx.traversals.flatten_mapping(shard_tree))
     key = jax.random.key(seed)
     values: dict[tuple, jax.Array] = {}
-    for i, (path, var) in enumerate(abstract_state.flat_state()):
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract_state)):
         meta = var.get_metadata()
         sharding = flat_shardings[tuple(path)]
         make = _random_init_fn(var.shape, var.dtype, meta.get("init", "normal"), sharding)

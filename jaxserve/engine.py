@@ -12,18 +12,21 @@ the set of compilations is small and known; `warmup()` compiles all of them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from jaxserve import multihost, sharding
 from jaxserve.config import ModelConfig
 from jaxserve.sampling import RowSpec, SamplingBatch, sample
 from models import CausalLM, KVCache
@@ -31,6 +34,11 @@ from pallas_kernels.attention import AttentionMetadata, resolve_backend
 from serving.scheduler import ScheduledSeq, StepPlan
 
 log = logging.getLogger(__name__)
+
+# The device calls an engine makes, numbered for `multihost.StepChannel` (0 is its STOP).
+_OP_COPY, _OP_DECODE, _OP_PREFILL, _OP_PREFILL_LOGPROBS, _OP_SAMPLE = range(1, 6)
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingBatch))
+_SAMPLE_FLAGS = ("all_greedy", "need_sort", "need_logprobs")
 
 
 def geometric_upto(n: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
@@ -70,6 +78,8 @@ class EngineConfig:
     max_prefill_seqs: int = 8
     max_model_len: int = 4096
     attention_backend: str = "auto"
+    # Reuse the K/V of full pages whose whole token prefix was computed before (the scheduler's).
+    enable_prefix_caching: bool = True
     kv_cache_cpu_bytes: int = 1 << 30  # cache size on CPU, which reports no free memory
     # Compile-shape buckets; empty = derived: powers of two on accelerators, powers of four on
     # CPU (where each compilation costs more than the padding it saves).
@@ -108,7 +118,8 @@ class StepResult:
 
 def _forward(graphdef, state, kv, tokens, positions, meta):
     model: CausalLM = nnx.merge(graphdef, state)
-    return model, *model(tokens, positions, kv, meta)
+    h, kv = model(tokens, positions, kv, meta)
+    return model, h, sharding.constrain_kv(kv)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -136,21 +147,40 @@ def _prefill_step_with_prompt_logprobs(graphdef, state, kv, tokens, positions, m
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(kv, src, dst):
-    return [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv]
+    return sharding.constrain_kv(
+        [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv]
+    )
 
 
 class Engine:
-    """Params + KV cache on device and the compiled step functions."""
+    """Params + KV cache on device and the compiled step functions.
 
-    def __init__(self, model: CausalLM, cfg: EngineConfig, *, kv_dtype=None):
+    With a `mesh` (`jaxserve.sharding.make_mesh`), the parameters are laid out by
+    `sharding.param_shardings`, the KV cache is split by KV head, and every step runs under the
+    mesh; the step functions are the same ones either way. In a multi-process run, process 0's
+    engine announces each device call and the other processes' engines run it in `follow`.
+    """
+
+    def __init__(
+        self, model: CausalLM, cfg: EngineConfig, *, kv_dtype=None, mesh: Mesh | None = None
+    ):
         cfg.validate()
         self.model_config: ModelConfig = model.cfg
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed_tokens.dtype
+        if mesh is not None:
+            # A no-op for parameters already restored into these shardings.
+            pure = nnx.to_pure_dict(self.state)
+            shardings = sharding.param_shardings(self.model_config, self.dtype, mesh)
+            nnx.replace_by_pure_dict(self.state, jax.device_put(pure, shardings))
+        self._channel = multihost.StepChannel() if jax.process_count() > 1 else None
+        self._logits: dict[int, jax.Array] = {}  # the last decode / prefill step's, to sample
         self.kv_dtype = kv_dtype or self.dtype
         self.backend = resolve_backend(cfg.attention_backend)
         max_pages_per_seq = math.ceil(cfg.max_model_len / cfg.page_size)
-        num_pages = cfg.num_pages or self._pages_from_memory(cfg)
+        # Every process must build the same cache; the tightest memory sizes it.
+        num_pages = cfg.num_pages or multihost.agree_min(self._pages_from_memory(cfg))
         if num_pages < 2:
             raise ValueError(f"num_pages: need at least 2 (page 0 is reserved), got {num_pages}")
         enable_compilation_cache(cfg.compilation_cache_dir)
@@ -171,8 +201,12 @@ class Engine:
             }
         )
         shape = (self.model_config.num_kv_heads, num_pages, cfg.page_size, self.model_config.head_dim)
+        kv_device = None if mesh is None else sharding.kv_sharding(self.model_config, mesh)
         self.kv: KVCache = [
-            (jnp.zeros(shape, self.kv_dtype), jnp.zeros(shape, self.kv_dtype))
+            (
+                jnp.zeros(shape, self.kv_dtype, device=kv_device),
+                jnp.zeros(shape, self.kv_dtype, device=kv_device),
+            )
             for _ in range(self.model_config.num_layers)
         ]
         log.info(
@@ -184,6 +218,9 @@ class Engine:
             jnp.dtype(self.kv_dtype).name,
             self.backend,
         )
+        log.info("mesh: %s", self.mesh_summary())
+        if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
+            log.warning("not divisible by the tensor axis, so on every device: %s", ", ".join(whole))
 
     # ---- sizing -------------------------------------------------------------------------------
     def _bytes_per_page(self, page_size: int) -> int:
@@ -191,10 +228,22 @@ class Engine:
         return 2 * m.num_layers * m.num_kv_heads * page_size * m.head_dim * jnp.dtype(self.kv_dtype).itemsize
 
     def _pages_from_memory(self, cfg: EngineConfig) -> int:
-        stats = jax.devices()[0].memory_stats() or {}
-        limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
-        budget = (limit - used) * cfg.kv_memory_fraction if limit else cfg.kv_cache_cpu_bytes
-        return max(2, int(budget // self._bytes_per_page(cfg.page_size)))
+        page_bytes = self._bytes_per_page(cfg.page_size)
+        if self.mesh is None:
+            devices = jax.devices()[:1]
+        else:
+            devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+            # Each device holds its KV heads' share of every page.
+            page_bytes //= sharding.kv_shards(self.model_config.num_kv_heads, self.mesh.shape)
+        free = []
+        for dev in devices:
+            stats = dev.memory_stats() or {}
+            if stats.get("bytes_limit"):
+                free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        if not free:
+            return max(2, int(cfg.kv_cache_cpu_bytes // self._bytes_per_page(cfg.page_size)))
+        # The device with the least free memory (after its share of the weights) sets the size.
+        return max(2, int(min(free) * cfg.kv_memory_fraction // page_bytes))
 
     @property
     def num_pages(self) -> int:
@@ -246,13 +295,13 @@ class Engine:
             slots[i] = self._slots(r)[0]
             seq_lens[i] = r.start_pos + 1
         tables, _ = self._tables(rows, b)
-        meta = self._meta(slots, tables, seq_lens, np.arange(b + 1, dtype=np.int32), True)
-        logits, self.kv = _decode_step(self.graphdef, self.state, self.kv, tokens, positions, meta)
-        return logits
+        cu = np.arange(b + 1, dtype=np.int32)
+        self._device(_OP_DECODE, (tokens, positions, slots, tables, seq_lens, cu))
 
     def _run_prefill(
         self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
-    ) -> tuple[jax.Array, dict | None]:
+    ) -> dict | None:
+        """Runs the step; returns the prompt logprob arrays when `prompt_targets` asks for them."""
         n_tok = sum(len(r.token_ids) for r in rows)
         t = pick(self.cfg.prefill_buckets, n_tok)
         s = self.cfg.max_prefill_seqs
@@ -277,13 +326,11 @@ class Engine:
             last_idx[i] = off - 1
         cu[len(rows) + 1 :] = off
         tables, _ = self._tables(rows, s)
-        meta = self._meta(slots, tables, seq_lens, cu, False)
-        args = (self.graphdef, self.state, self.kv, tokens, positions, meta, last_idx)
+        arrays = (tokens, positions, slots, tables, seq_lens, cu, last_idx)
         if prompt_targets:
-            logits, self.kv, tlp, top_ids, top_lp = _prefill_step_with_prompt_logprobs(*args, targets)
-            return logits, {"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp}
-        logits, self.kv = _prefill_step(*args)
-        return logits, None
+            return self._device(_OP_PREFILL_LOGPROBS, (*arrays, targets))
+        self._device(_OP_PREFILL, arrays)
+        return None
 
     # ---- the step -----------------------------------------------------------------------------
     def execute(
@@ -303,13 +350,13 @@ class Engine:
             raise ValueError(f"plan has {len(plan.prefill)} prefill rows > max_prefill_seqs")
         pending = []
         if plan.decode:
-            logits = self._run_decode(plan.decode)
-            pending.append((logits, plan.decode))
+            self._run_decode(plan.decode)
+            pending.append((_OP_DECODE, plan.decode))
         prompt_out = None
         if plan.prefill:
-            logits, prompt_out = self._run_prefill(plan.prefill, prompt_targets)
-            pending.append((logits, plan.prefill))
-        samples = [self._sample(logits, rows, specs) for logits, rows in pending]
+            prompt_out = self._run_prefill(plan.prefill, prompt_targets)
+            pending.append((_OP_PREFILL, plan.prefill))
+        samples = [self._sample(source, rows, specs) for source, rows in pending]
         for rows_out in samples:
             for sid, (tok, lp_map) in rows_out.items():
                 result.tokens[sid] = tok
@@ -319,7 +366,8 @@ class Engine:
             self._collect_prompt_logprobs(plan.prefill, prompt_targets, prompt_out, result)
         return result
 
-    def _sample(self, logits: jax.Array, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
+    def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
+        """Sample the rows of the last `source` (_OP_DECODE / _OP_PREFILL) step's logits."""
         src, sids = [], []
         for i, r in enumerate(rows):
             for sid in r.sample_seq_ids:
@@ -332,7 +380,10 @@ class Engine:
         batch, flags = SamplingBatch.build(row_specs, r)
         src_arr = np.zeros(r, np.int32)
         src_arr[: len(src)] = src
-        out = jax.device_get(sample(logits, src_arr, batch, **flags))
+        arrays = (src_arr, *(getattr(batch, name) for name in _SAMPLING_FIELDS))
+        out = jax.device_get(
+            self._device(_OP_SAMPLE, arrays, (source, *(int(flags[k]) for k in _SAMPLE_FLAGS)))
+        )
         res = {}
         for i, sid in enumerate(sids):
             tok = int(out["tokens"][i])
@@ -369,7 +420,66 @@ class Engine:
         dst = np.zeros(n, np.int32)
         src[: len(copies)] = [c[0] for c in copies]
         dst[: len(copies)] = [c[1] for c in copies]
-        self.kv = _copy_pages(self.kv, src, dst)
+        self._device(_OP_COPY, (src, dst))
+
+    # ---- device calls -------------------------------------------------------------------------
+    def _device(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...] = ()):
+        """Run one device call on the padded host `arrays`. In a multi-process run it is first
+        announced to the other processes, which run the same call (`follow`)."""
+        if self._channel is not None:
+            self._channel.send(op, flags, arrays)
+        return self._run_call(op, arrays, flags)
+
+    def _run_call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]):
+        # Host arrays go in as they are: jit places them replicated over the mesh.
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            if op == _OP_COPY:
+                self.kv = _copy_pages(self.kv, *arrays)
+                return None
+            if op == _OP_SAMPLE:
+                batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays[1:], strict=True)))
+                static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags[1:], strict=True)}
+                return self._readable(sample(self._logits[flags[0]], arrays[0], batch, **static))
+            tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
+            meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
+            args = (self.graphdef, self.state, self.kv, tokens, positions, meta, *rest)
+            if op == _OP_DECODE:
+                self._logits[_OP_DECODE], self.kv = _decode_step(*args)
+                return None
+            if op == _OP_PREFILL:
+                self._logits[_OP_PREFILL], self.kv = _prefill_step(*args)
+                return None
+            logits, self.kv, tlp, top_ids, top_lp = _prefill_step_with_prompt_logprobs(*args)
+            self._logits[_OP_PREFILL] = logits
+            return self._readable({"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp})
+
+    def _readable(self, tree):
+        """Results process 0 reads back: replicated when the mesh spans processes, since a
+        process can only read the shards on its own devices."""
+        if self._channel is None:
+            return tree
+        return sharding.replicate(tree, self.mesh)
+
+    def follow(self) -> None:
+        """On processes other than 0: run process 0's device calls until it releases us."""
+        if self._channel is None or jax.process_index() == 0:
+            raise RuntimeError("follow: only processes other than 0 of a multi-process run follow")
+        while True:
+            op, flags, arrays = self._channel.receive()
+            if op == multihost.STOP:
+                return
+            self._run_call(op, tuple(arrays), flags)
+
+    def release_followers(self) -> None:
+        """On process 0 of a multi-process run: end the other processes' `follow`."""
+        if self._channel is not None:
+            self._channel.send(multihost.STOP, (), ())
+
+    def mesh_summary(self) -> str:
+        """The device layout and how many bytes of weights and KV cache each device holds."""
+        return sharding.describe(
+            self.mesh, sharding.device_bytes(self.state), sharding.device_bytes(self.kv)
+        )
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warmup(self) -> float:
@@ -381,7 +491,8 @@ class Engine:
             table = [0] * p
             for b in self.cfg.decode_buckets:
                 rows = [_dummy_row(i, [0], table) for i in range(b)]
-                self._sample(self._run_decode(rows), rows, {i: RowSpec(0.0) for i in range(b)})
+                self._run_decode(rows)
+                self._sample(_OP_DECODE, rows, {i: RowSpec(0.0) for i in range(b)})
             prev = 0
             for t in self.cfg.prefill_buckets:
                 # A prefill of t tokens over rows of at most p pages exists only if some token
@@ -390,8 +501,8 @@ class Engine:
                 if n > prev:
                     sizes = [min(p * ps, n - k) for k in range(0, n, p * ps)]
                     rows = [_dummy_row(i, [0] * m, table) for i, m in enumerate(sizes)]
-                    logits, _ = self._run_prefill(rows, {})
-                    self._sample(logits, rows, {i: RowSpec(0.0) for i in range(len(rows))})
+                    self._run_prefill(rows, {})
+                    self._sample(_OP_PREFILL, rows, {i: RowSpec(0.0) for i in range(len(rows))})
                 prev = t
         jax.block_until_ready(self.kv)
         return time.perf_counter() - t0

@@ -21,6 +21,7 @@ class LLM:
 
     `model=None` serves the embedded default (SmolLM2-135M-Instruct); a converted directory is
     loaded as is; a Hugging Face directory or a `.gguf` file is converted on the fly into the cache.
+    `tensor_parallel_size` x `expert_parallel_size` devices share one model too big for one.
     """
 
     def __init__(
@@ -34,6 +35,9 @@ class LLM:
         max_model_len: int | None = None,
         dtype: str | None = None,
         seed: int = 0,
+        enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
         **engine_kwargs,
     ):
         self.engine = LLMEngine.from_pretrained(
@@ -45,6 +49,9 @@ class LLM:
             max_model_len=max_model_len,
             dtype=dtype,
             seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
+            tensor_parallel_size=tensor_parallel_size,
+            expert_parallel_size=expert_parallel_size,
             **engine_kwargs,
         )
         self._ids = itertools.count()
@@ -150,6 +157,8 @@ def _merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
             cur.logprobs = (cur.logprobs or []) + c.logprobs
         cur.finish_reason = c.finish_reason or cur.finish_reason
         cur.stop_reason = c.stop_reason if c.stop_reason is not None else cur.stop_reason
+        if c.cumulative_logprob is not None:
+            cur.cumulative_logprob = c.cumulative_logprob
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished = delta.finished
     acc.metrics = delta.metrics

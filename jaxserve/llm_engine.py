@@ -18,7 +18,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxserve import sharding
+from jaxserve.beam_search import BeamSearch
 from jaxserve.engine import Engine, EngineConfig
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.sampling import RowSpec
@@ -43,6 +46,7 @@ class _Sample:
     new_text: str = ""
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
     reported_finish: bool = False
+    cumulative_logprob: float | None = None  # beam search only
 
 
 @dataclass
@@ -56,6 +60,7 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprobs_sent: bool = False
+    beam: BeamSearch | None = None  # set for use_beam_search requests
 
     @property
     def finished(self) -> bool:
@@ -73,11 +78,12 @@ class LLMEngine:
         *,
         model_name: str = "",
         seed: int = 0,
+        mesh: Mesh | None = None,
     ):
         self.model_config = model.cfg
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.engine = Engine(model, config)
+        self.engine = Engine(model, config, mesh=mesh)
         cfg = self.engine.cfg
         self.config = cfg
         self.max_model_len = cfg.max_model_len
@@ -88,6 +94,7 @@ class LLMEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_model_len=cfg.max_model_len,
             max_prefill_seqs=cfg.max_prefill_seqs,
+            enable_prefix_caching=cfg.enable_prefix_caching,
         )
         self._rng = np.random.default_rng(seed)
         self._requests: dict[str, _Request] = {}
@@ -112,16 +119,27 @@ class LLMEngine:
         max_model_len: int | None = None,
         kv_memory_fraction: float = 0.85,
         attention_backend: str = "auto",
+        enable_prefix_caching: bool = True,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
     ) -> LLMEngine:
         """Load a converted model directory (or an HF dir / .gguf, converted on the fly; None is
-        the embedded default model) and size the KV cache."""
+        the embedded default model) and size the KV cache.
+
+        `tensor_parallel_size` x `expert_parallel_size` devices share the model (see
+        `jaxserve.sharding`): each restores only its own shards of the weights from disk."""
         from jaxserve.checkpoint import load_model
+        from jaxserve.config import ModelConfig
         from jaxserve.default_model import resolve_model
 
         path = resolve_model(None if model is None else str(model))
         jdtype = resolve_dtype(dtype)
-        lm, mcfg = load_model(path, dtype=jdtype)
+        mesh, shardings = None, None
+        if tensor_parallel_size * expert_parallel_size > 1 or jax.process_count() > 1:
+            mesh = sharding.make_mesh(tensor_parallel_size, expert_parallel_size)
+            shardings = sharding.param_shardings(ModelConfig.from_dir(path), jdtype, mesh)
+        lm, mcfg = load_model(path, dtype=jdtype, shardings=shardings)
         tokenizer = Tokenizer.from_dir(path)
         max_len = max_model_len or mcfg.max_position_embeddings
         if max_len > mcfg.max_position_embeddings:
@@ -138,8 +156,9 @@ class LLMEngine:
             max_prefill_seqs=max_prefill_seqs,
             max_model_len=max_len,
             attention_backend=attention_backend,
+            enable_prefix_caching=enable_prefix_caching,
         )
-        return cls(lm, tokenizer, config, model_name=_model_name(path), seed=seed)
+        return cls(lm, tokenizer, config, model_name=_model_name(path), seed=seed, mesh=mesh)
 
     @classmethod
     def from_cli_args(cls, args) -> LLMEngine:
@@ -147,6 +166,7 @@ class LLMEngine:
         names = (
             "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
             "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
+            "enable_prefix_caching", "tensor_parallel_size", "expert_parallel_size",
         )  # fmt: skip
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         return cls.from_pretrained(args.model, **given)
@@ -188,16 +208,40 @@ class LLMEngine:
             )
         eos = self._eos_ids()
         detokenize = params.detokenize and self.tokenizer is not None
-        self.scheduler.add_request(
+        width = params.beam_width if params.use_beam_search else 0
+        if width > self.scheduler.max_num_seqs:
+            raise ValueError(
+                f"{'n' if params.best_of is None else 'best_of'}: beam width {width} exceeds "
+                f"max_num_seqs ({self.scheduler.max_num_seqs})"
+            )
+        seq_id = self.scheduler.add_request(
             request_id,
             ids,
-            n=params.n,
+            n=1 if width else params.n,
             max_tokens=max_tokens,
             min_tokens=params.min_tokens,
             eos_token_ids=eos,
             stop_token_ids=params.stop_token_ids,
             ignore_eos=params.ignore_eos,
+            beam_width=width,
+            # Cached positions are never computed, so they would have no prompt logprobs.
+            skip_prefix_cache=params.prompt_logprobs is not None,
         )
+        beam = None
+        if width:
+            beam = BeamSearch(
+                seq_id,
+                prompt_len=len(ids),
+                width=width,
+                n=params.n,
+                max_tokens=max_tokens,
+                max_model_len=self.max_model_len,
+                length_penalty=params.length_penalty,
+                early_stopping=params.early_stopping,
+                eos_token_ids=frozenset(() if params.ignore_eos else eos),
+                stop_token_ids=frozenset(params.stop_token_ids),
+                keep_logprobs=params.logprobs is not None,
+            )
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**63))
         samples = [
             _Sample(
@@ -225,6 +269,7 @@ class LLMEngine:
             prompt_logprobs=[None] + [None] * (len(ids) - 1)
             if params.prompt_logprobs is not None
             else None,
+            beam=beam,
         )
         self.prompt_tokens_total += len(ids)
         return request_id
@@ -256,6 +301,7 @@ class LLMEngine:
             req = self._requests[row.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = self.scheduler.num_cached_tokens(row.request_id)
         result = self.engine.execute(plan, specs, targets)
         updates = self.scheduler.update(plan, result.tokens)
         for rid, entries in result.prompt_logprobs.items():
@@ -294,11 +340,44 @@ class LLMEngine:
             if s.finish_reason is not None:
                 self._seq_index.pop(u.seq_id, None)
             touched[u.request_id] = req
+        for req in self._advance_beams(plan, result.logprobs):
+            touched[req.request_id] = req
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
                 del self._requests[req.request_id]
         return outputs
+
+    def _advance_beams(
+        self, plan: StepPlan, logprobs: dict[int, dict[int, float]]
+    ) -> list[_Request]:
+        """Hands each sampled beam's logprobs to its search, runs the rounds that are complete,
+        and fills in the samples of the searches that finished (returned)."""
+        searches: dict[str, _Request] = {}
+        for row in (*plan.decode, *plan.prefill):
+            req = self._requests.get(row.request_id)
+            if req is not None and req.beam is not None:
+                for sid in row.sample_seq_ids:
+                    req.beam.add_logprobs(sid, logprobs[sid])
+                searches[req.request_id] = req
+        done = []
+        for req in searches.values():
+            if req.beam.ready:
+                req.beam.advance(self.scheduler)
+            if not req.beam.done:
+                continue
+            # A beam search streams nothing: its first tokens are its whole output.
+            req.metrics.first_token_time = time.time()
+            for s, hyp in zip(req.samples, req.beam.best(), strict=True):
+                s.token_ids, s.new_ids = list(hyp.token_ids), list(hyp.token_ids)
+                s.new_logprobs = list(hyp.logprobs)
+                s.finish_reason, s.stop_reason = hyp.finish_reason, hyp.stop_reason
+                s.cumulative_logprob = hyp.cumulative_logprob
+                if s.detok is not None:
+                    s.new_text = s.detok.add(s.token_ids).text + s.detok.flush().text
+                self.generation_tokens_total += len(s.token_ids)
+            done.append(req)
+        return done
 
     def _row_specs(self, plan: StepPlan) -> tuple[dict[int, RowSpec], dict[int, np.ndarray]]:
         specs: dict[int, RowSpec] = {}
@@ -314,6 +393,11 @@ class LLMEngine:
                 if hi > lo:
                     nxt[: hi - lo] = req.prompt_ids[lo:hi]
                 targets[row.seq_id] = nxt
+            if p.use_beam_search:
+                # Greedy, for the top-20 logprobs the search ranks; the token itself is unused.
+                for sid in row.sample_seq_ids:
+                    specs[sid] = RowSpec(temperature=0.0, want_logprobs=True)
+                continue
             base_index = self._seq_index.get(row.seq_id, (row.request_id, 0))[1]
             for k, sid in enumerate(row.sample_seq_ids):
                 index = base_index + k
@@ -355,6 +439,7 @@ class LLMEngine:
                     logprobs=lps,
                     finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason,
+                    cumulative_logprob=s.cumulative_logprob,
                 )
             )
             s.reported_finish = s.finish_reason is not None
@@ -391,6 +476,13 @@ class LLMEngine:
     def warmup(self) -> float:
         return self.engine.warmup()
 
+    def follow(self) -> None:
+        """Processes other than 0 of a multi-process run: run process 0's steps (`Engine.follow`)."""
+        self.engine.follow()
+
+    def release_followers(self) -> None:
+        self.engine.release_followers()
+
     def model_info(self) -> dict:
         dev = jax.devices()[0]
         m = self.model_config
@@ -403,11 +495,12 @@ class LLMEngine:
             "page_size": self.config.page_size,
             "kv_capacity_tokens": self.engine.capacity_tokens,
             "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-            "mesh": f"{len(jax.devices())} device(s), single-device",
+            "mesh": self.engine.mesh_summary(),
         }
 
     def stats(self) -> dict:
-        bm = self.scheduler.block_manager
+        sched = self.scheduler
+        bm = sched.block_manager
         used_pages = bm.num_usable_pages - bm.num_free_pages
         return {
             "num_running": self.scheduler.num_running,
@@ -417,6 +510,10 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            # Tokens of admitted prompts and recomputes looked up in the prefix cache / found.
+            "prefix_cache_queries_total": sched.prefix_cache_queries,
+            "prefix_cache_hits_total": sched.prefix_cache_hits,
+            "prefix_cache_hit_rate": sched.prefix_cache_hits / max(sched.prefix_cache_queries, 1),
         }
 
 

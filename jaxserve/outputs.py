@@ -21,6 +21,8 @@ class CompletionOutput:
     logprobs: Logprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # matched stop string or stop token id
+    # Sum of the generated tokens' logprobs; set by beam search, whose outputs are ranked by it.
+    cumulative_logprob: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -9,6 +9,8 @@ no `jax` import, so the server and scheduler can use it without a device. Invali
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_N = 16
@@ -16,6 +18,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_BEAM_WIDTH = 8
 
 
 @dataclass
@@ -25,6 +28,12 @@ class SamplingParams:
     `temperature == 0` means greedy. `top_k == 0` (or -1) disables top-k; `top_p == 1` disables
     top-p; `min_p == 0` disables min-p. `logprobs=k` returns the chosen token's logprob plus the
     top-k; `prompt_logprobs=k` does the same for every prompt position after the first.
+
+    `use_beam_search` (vLLM's classic beam search, see `jaxserve.beam_search`) keeps
+    `best_of` beams (default n, at most MAX_BEAM_WIDTH) and returns the n best, scored with
+    `length_penalty`; `early_stopping` ends the search as soon as `best_of` beams are finished.
+    It is deterministic: temperature 0, no top-k/top-p/min-p, penalties, min_tokens or stop
+    strings.
     """
 
     n: int = 1
@@ -46,6 +55,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (no text, no stop strings), e.g. benchmarks
+    use_beam_search: bool = False
+    best_of: int | None = None  # beam width; None: n
+    length_penalty: float = 1.0
+    early_stopping: bool = False
     _frozen_stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +119,52 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
                 bad("stop_token_ids", f"ids must be non-negative integers, got {t!r}")
+        self._validate_beam_search(bad, is_int)
+
+    def _validate_beam_search(
+        self, bad: Callable[[str, str], None], is_int: Callable[[object], bool]
+    ) -> None:
+        for name in ("use_beam_search", "early_stopping"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be a boolean, got {getattr(self, name)!r}")
+        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
+            bad("best_of", f"must be an integer >= n ({self.n}), got {self.best_of!r}")
+        if not isinstance(self.length_penalty, int | float) or not math.isfinite(
+            self.length_penalty
+        ):
+            bad("length_penalty", f"must be a finite number, got {self.length_penalty!r}")
+        if not self.use_beam_search:
+            # Best-of-n random sampling is not implemented: best_of only sizes beam searches.
+            if self.best_of is not None and self.best_of != self.n:
+                bad("best_of", "only supported with use_beam_search")
+            if self.length_penalty != 1.0:
+                bad("length_penalty", "only used with use_beam_search")
+            if self.early_stopping:
+                bad("early_stopping", "only used with use_beam_search")
+            return
+        if self.beam_width > MAX_BEAM_WIDTH:
+            field = "n" if self.best_of is None else "best_of"
+            bad(field, f"the beam width is at most {MAX_BEAM_WIDTH}, got {self.beam_width}")
+        # Beam search ranks raw logprobs; options that reshape or filter them do not apply.
+        for name, default in (
+            ("temperature", 0.0),
+            ("top_p", 1.0),
+            ("top_k", 0),
+            ("min_p", 0.0),
+            ("repetition_penalty", 1.0),
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+            ("min_tokens", 0),
+        ):
+            if getattr(self, name) != default:
+                bad(name, f"must be {default} with use_beam_search, got {getattr(self, name)!r}")
+        if self.stop:
+            bad("stop", "stop strings are not supported with use_beam_search")
+
+    @property
+    def beam_width(self) -> int:
+        """Beams a beam search keeps: best_of, or n when unset."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

@@ -13,11 +13,14 @@ allocated to a sequence: padding tokens write there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from jaxserve.sharding import TENSOR, kv_spec
 from pallas_kernels import flash_attention, paged_attention
 
 BACKENDS = ("reference", "mosaic", "auto")
@@ -61,7 +64,38 @@ def attention(
     *,
     scale: float,
 ) -> jax.Array:
-    """q: [T, q_heads, head_dim] → [T, q_heads, head_dim]; K/V of this step are already written."""
+    """q: [T, q_heads, head_dim] → [T, q_heads, head_dim]; K/V of this step are already written.
+
+    Under a mesh with a `tensor` axis (see `jaxserve.sharding`) each device attends with its own
+    KV heads and their query heads, in a `shard_map`: XLA cannot split a kernel's custom call by
+    head itself and would gather every head's K/V onto every device. When the KV heads are too
+    few to split, the cache is replicated and every device attends with all heads.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get(TENSOR, 1) == 1:
+        return _attention(q, k_pages, v_pages, positions, meta, scale=scale)
+    kv = kv_spec(k_pages.shape[0], mesh.shape)
+    heads = PartitionSpec(None, *kv)
+    return jax.shard_map(
+        functools.partial(_attention, scale=scale),
+        mesh=mesh,
+        in_specs=(heads, kv, kv, PartitionSpec(), PartitionSpec()),
+        out_specs=heads,
+        # No collectives inside; the loops of the reference paths mix per-device and replicated
+        # values in ways the varying-axes checker rejects.
+        check_vma=False,
+    )(q, k_pages, v_pages, positions, meta)
+
+
+def _attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    positions: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+) -> jax.Array:
     if meta.is_decode:
         return paged_attention.paged_attention(
             q, k_pages, v_pages, meta.block_tables, meta.seq_lens, scale=scale, backend=meta.backend

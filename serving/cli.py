@@ -4,8 +4,9 @@
 and returns the process exit status. `serve` builds the engine with
 `jaxserve.llm_engine.LLMEngine.from_cli_args(engine_args)`, where `engine_args` is a namespace of
 `model` and the engine options below (None where not given: the engine's default applies), then
-runs the gRPC server until signalled. `generate` and `chat` stream from a running server to
-stdout.
+runs the gRPC server until signalled; with `--coordinator-address` it is one process of a
+multi-host group, where process 0 serves and the others run its steps (`jaxserve.multihost`).
+`generate` and `chat` stream from a running server to stdout.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("--seed", int, "engine random seed"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
     ("--attention-backend", str, "auto (Mosaic GPU kernels on Hopper), reference or mosaic"),
+    ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
+    ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )
 
 EngineFactory = Callable[[argparse.Namespace], Engine]
@@ -62,6 +65,24 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     engine = serve.add_argument_group("engine")
     for flag, kind, text in ENGINE_OPTIONS:
         engine.add_argument(flag, type=kind, default=None, help=text)
+    engine.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_const",
+        const=False,
+        default=None,
+        help="recompute every prompt instead of reusing cached K/V of shared prefixes",
+    )
+    hosts = serve.add_argument_group(
+        "multi-host", "one model over the devices of several processes (docs/multi_host.md)"
+    )
+    hosts.add_argument(
+        "--coordinator-address", default=None, help="host:port of process 0's coordinator"
+    )
+    hosts.add_argument("--num-processes", type=int, default=1, help="processes in the group")
+    hosts.add_argument(
+        "--process-id", type=int, default=0, help="this process (0 serves, the others follow)"
+    )
     serve.set_defaults(func=run_serve)
 
     generate = subparsers.add_parser("generate", help="stream a completion from a server")
@@ -94,6 +115,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 def engine_args(args: argparse.Namespace) -> argparse.Namespace:
     """Only the engine's options, so the factory cannot come to depend on server flags."""
     names = [flag[2:].replace("-", "_") for flag, _, _ in ENGINE_OPTIONS]
+    names.append("enable_prefix_caching")
     return argparse.Namespace(model=args.model, **{name: getattr(args, name) for name in names})
 
 
@@ -108,15 +130,26 @@ def run_serve(args: argparse.Namespace, engine_factory: EngineFactory | None = N
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     factory = engine_factory if engine_factory is not None else _default_engine_factory
+    if args.coordinator_address is not None:
+        from jaxserve import multihost
+
+        # Before the engine exists: the process group decides which devices there are.
+        multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
     engine = factory(engine_args(args))
-    return serve(
-        engine,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port or None,
-        max_queued_requests=args.max_queued_requests,
-        grace_period=args.grace_period,
-    )
+
+    def run() -> int:
+        return serve(
+            engine,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port or None,
+            max_queued_requests=args.max_queued_requests,
+            grace_period=args.grace_period,
+        )
+
+    if args.coordinator_address is not None:
+        return multihost.run(engine, run)
+    return run()
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

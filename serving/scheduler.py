@@ -1,15 +1,26 @@
 """`Scheduler`: iteration-level continuous batching over a paged KV cache.
 
 Owns the waiting and running sequences, the per-step token budget, chunked prefill, preemption by
-recomputation, parallel sampling (n > 1) by forking, and the finish rules. There is no separate
-prefill or decode phase: every sequence has its tokens and `num_computed` (tokens whose K/V is in
-the cache), and each step feeds it the tokens it has not computed yet, as many as the budget allows.
-Pure Python: the engine turns each `StepPlan` into a device step and reports the sampled tokens
-back through `update`.
+recomputation, parallel sampling (n > 1) by forking, automatic prefix caching, the sequence
+primitives beam search is built on, and the finish rules. There is no separate prefill or decode
+phase: every sequence has its tokens and `num_computed` (tokens whose K/V is in the cache), and
+each step feeds it the tokens it has not computed yet, as many as the budget allows. Pure Python:
+the engine turns each `StepPlan` into a device step and reports the sampled tokens back through
+`update`.
+
+Prefix caching: once a step has written a sequence's K/V, `update` registers its newly full pages
+with the block manager under their hash chain. A sequence being admitted (a new prompt or a
+preempted one) attaches the longest cached run of full pages of its tokens, short of its last
+token (which must be computed to give logits), and its `num_computed` starts after them.
+
+Beam search (`add_request(beam_width=w)`) is driven from outside (`jaxserve.beam_search`): a beam
+sequence that has been sampled keeps its token list as is and *awaits* the search's decision, and
+is not scheduled meanwhile; the search then continues it with `append_token`, branches it with
+`fork_seq` (pages shared copy-on-write) or drops it with `free_seq`.
 
 Protocol: `schedule()` and `update(plan, sampled)` alternate; `update` must see every non-empty plan
 (with `{}` when it samples nothing). `add_request`, `abort_request` and `finish_seq` may be called
-at any point in between.
+at any point in between; the beam primitives after `update`, before the next `schedule()`.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from serving.block_manager import BlockManager
+from serving.block_manager import BlockManager, hash_page
 
 FinishReason = Literal["stop", "length"]
 
@@ -87,6 +98,9 @@ class _Request:
     min_tokens: int
     eos_token_ids: frozenset[int]  # empty when ignore_eos
     stop_token_ids: frozenset[int]
+    beam_width: int = 0  # 0: not beam search
+    reads_cache: bool = True  # False: every token is computed (e.g. prompt logprobs are wanted)
+    num_cached_tokens: int | None = None  # prompt tokens taken from the cache; None: not admitted
     seqs: list[_Seq] = field(default_factory=list)  # live ones
 
 
@@ -102,6 +116,12 @@ class _Seq:
     pending_forks: int = 0
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Hash chain of the leading full pages of token_ids, extended as needed (tokens never change).
+    page_hashes: list[bytes] = field(default_factory=list)
+    # Leading block_table pages already offered to the prefix cache.
+    num_registered: int = 0
+    # A beam sampled at its current length, waiting for the beam search to extend or drop it.
+    awaiting: bool = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -127,6 +147,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         max_prefill_seqs: int = 8,
+        enable_prefix_caching: bool = True,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
@@ -145,7 +166,11 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.max_prefill_seqs = max_prefill_seqs
+        self.enable_prefix_caching = enable_prefix_caching
         self.num_preemptions = 0
+        # Tokens of admitted sequences looked up in the prefix cache, and those found there.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # admission order
         self._seqs: dict[int, _Seq] = {}  # live (waiting or running)
@@ -168,6 +193,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def num_cached_tokens(self, request_id: str) -> int:
+        """Prompt tokens the request's first admission took from the prefix cache (0 before)."""
+        return self._requests[request_id].num_cached_tokens or 0
+
     def add_request(
         self,
         request_id: str,
@@ -178,8 +207,13 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         stop_token_ids: Iterable[int] = (),
         ignore_eos: bool = False,
-    ) -> None:
-        """Queues a request; raises ValueError naming the offending field when it cannot run."""
+        beam_width: int = 0,
+        skip_prefix_cache: bool = False,
+    ) -> int:
+        """Queues a request and returns the id of its first sequence; raises ValueError naming the
+        offending field when it cannot run. `beam_width > 0` makes it a beam search of up to that
+        many sequences (n must be 1; tokens and finishing are then the search's business);
+        `skip_prefix_cache` computes every token instead of reading cached pages."""
         num_prompt = len(prompt_token_ids)
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already scheduled")
@@ -192,6 +226,12 @@ class Scheduler:
             )
         if not 1 <= n <= self.max_num_seqs:
             raise ValueError(f"n: must be in [1, max_num_seqs={self.max_num_seqs}], got {n}")
+        if not 0 <= beam_width <= self.max_num_seqs:
+            raise ValueError(
+                f"beam_width: must be in [0, max_num_seqs={self.max_num_seqs}], got {beam_width}"
+            )
+        if beam_width and n != 1:
+            raise ValueError(f"n: must be 1 for a beam search, got {n}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
         if not 0 <= min_tokens <= max_tokens:
@@ -217,6 +257,8 @@ class Scheduler:
             min_tokens=min_tokens,
             eos_token_ids=frozenset() if ignore_eos else frozenset(eos_token_ids),
             stop_token_ids=frozenset(stop_token_ids),
+            beam_width=beam_width,
+            reads_cache=not skip_prefix_cache,
         )
         seq = _Seq(
             seq_id=next(self._seq_ids),
@@ -230,6 +272,7 @@ class Scheduler:
         self._requests[request_id] = request
         self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
+        return seq.seq_id
 
     def abort_request(self, request_id: str) -> None:
         """Drops every sequence of the request and frees its pages; unknown ids are ignored
@@ -255,7 +298,8 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Plans the next step: running sequences first in admission order (a decode token each,
         or their next prompt chunk), preempting from the newest when pages run out; then, if
-        nothing was preempted, waiting sequences in FCFS order while budget, slots and pages last."""
+        nothing was preempted, waiting sequences in FCFS order while budget, slots and pages last,
+        each starting after its cached prefix. Beams awaiting the search's decision sit out."""
         if self._pending_plan is not None:
             raise RuntimeError("update() the previous plan before scheduling the next step")
         bm = self.block_manager
@@ -274,11 +318,18 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
+            if seq.awaiting:  # nothing to compute until the beam search extends it
+                i += 1
+                continue
             num_new = min(len(seq.token_ids) - seq.num_computed, budget)
             start, end = seq.num_computed, seq.num_computed + num_new
-            # Victims come off the tail, i.e. from the rows not scheduled yet this step.
+            # Victims are the newest awaiting beams, which have no row and cannot move before
+            # their siblings do, then the tail, i.e. the rows not scheduled yet this step.
             while not bm.can_write(seq.block_table, start, end):
-                victim = self._running.pop()
+                j = self._victim_index()
+                victim = self._running.pop(j)
+                if j < i:  # an awaiting beam passed over above
+                    i -= 1
                 self._preempt(victim)
                 preempted.append(victim.request.request_id)
                 if victim is seq:
@@ -296,17 +347,39 @@ class Scheduler:
 
         # Admitting while running sequences are being evicted would only evict them again.
         if not preempted:
-            slots = sum(seq.num_slots for seq in self._running)
-            while self._waiting and budget > 0 and len(prefill) < self.max_prefill_seqs:
-                seq = self._waiting[0]
-                num_new = min(len(seq.token_ids), budget)
-                if slots + seq.num_slots > self.max_num_seqs or not bm.can_write(
-                    seq.block_table, 0, num_new
-                ):
+            slots = self._slots_in_use()
+            while budget > 0 and len(prefill) < self.max_prefill_seqs:
+                # Awaiting beams (preempted after being sampled) need nothing until extended.
+                seq = next((s for s in self._waiting if not s.awaiting), None)
+                if seq is None:
                     break
-                self._waiting.popleft()
-                slots += seq.num_slots
-                copies += bm.prepare_write(seq.block_table, 0, num_new)
+                prefix = self._cached_prefix(seq)
+                start = len(prefix) * bm.page_size
+                num_new = min(len(seq.token_ids) - start, budget)
+                need_slots = self._slots_to_admit(seq)
+                pages = bm.pages_to_attach(prefix) + bm.pages_needed(prefix, start, start + num_new)
+                if slots + need_slots > self.max_num_seqs or not bm.can_allocate(pages):
+                    if decode or prefill or not self._running or not self._running[-1].awaiting:
+                        break
+                    # Nothing runs, so every running sequence is an awaiting beam, maybe waiting
+                    # for this very sequence: make room, or nothing would ever run again.
+                    victim = self._running.pop(self._victim_index())
+                    self._preempt(victim)
+                    preempted.append(victim.request.request_id)
+                    slots = self._slots_in_use()
+                    continue
+                self._waiting.remove(seq)
+                slots += need_slots
+                seq.block_table = bm.attach(prefix)
+                seq.num_computed = start
+                seq.num_registered = len(prefix)
+                request = seq.request
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = start
+                if self.enable_prefix_caching and request.reads_cache:
+                    self.prefix_cache_queries += len(seq.token_ids)
+                    self.prefix_cache_hits += start
+                copies += bm.prepare_write(seq.block_table, start, start + num_new)
                 row, children = self._schedule_row(seq, num_new)
                 prefill.append(row)
                 budget -= num_new
@@ -317,8 +390,10 @@ class Scheduler:
         return plan
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[SeqUpdate]:
-        """Appends the tokens sampled for `plan` and applies the finish rules. Sequences aborted
-        or finished since `schedule()` are skipped; every other sampled sequence needs a token."""
+        """Registers the pages `plan` filled in the prefix cache, appends the tokens sampled for
+        it and applies the finish rules. Sequences aborted or finished since `schedule()` are
+        skipped; every other sampled sequence needs a token. Sampled beams get no token and no
+        update: they await the beam search (`append_token` / `fork_seq` / `free_seq`)."""
         if plan.is_empty:
             return []
         if plan is not self._pending_plan:
@@ -333,8 +408,16 @@ class Scheduler:
         if missing:
             raise ValueError(f"sampled: no token for seq ids {missing}")
         self._pending_plan = None
+        if self.enable_prefix_caching:
+            for row in (*plan.decode, *plan.prefill):
+                seq = self._seqs.get(row.seq_id)
+                if seq is not None:
+                    self._register_full_pages(seq)
         updates = []
         for seq in targets:
+            if seq.request.beam_width:
+                seq.awaiting = True
+                continue
             token = sampled[seq.seq_id]
             seq.token_ids.append(token)
             reason, stop_reason = self._check_finish(seq, token)
@@ -375,32 +458,130 @@ class Scheduler:
         """Creates the parent's n - 1 siblings, sharing all its pages; they get their first token
         from the same logits as the parent."""
         children = [
-            _Seq(
-                seq_id=next(self._seq_ids),
-                request=parent.request,
-                index=parent.index + 1 + k,
-                token_ids=list(parent.token_ids),
-                prefill_len=parent.prefill_len,
-                num_computed=parent.num_computed,
-                block_table=self.block_manager.fork(parent.block_table),
-            )
-            for k in range(parent.pending_forks)
+            self._copy_seq(parent, parent.index + 1 + k) for k in range(parent.pending_forks)
         ]
         parent.pending_forks = 0
-        parent.request.seqs += children
-        for child in children:
-            self._seqs[child.seq_id] = child
         return children
 
+    def _copy_seq(self, parent: _Seq, index: int) -> _Seq:
+        """A new live sequence of the parent's request in the parent's state, sharing its pages;
+        the caller places it in a queue."""
+        child = _Seq(
+            seq_id=next(self._seq_ids),
+            request=parent.request,
+            index=index,
+            token_ids=list(parent.token_ids),
+            prefill_len=parent.prefill_len,
+            num_computed=parent.num_computed,
+            block_table=self.block_manager.fork(parent.block_table),
+            page_hashes=list(parent.page_hashes),
+            num_registered=parent.num_registered,
+            awaiting=parent.awaiting,
+        )
+        parent.request.seqs.append(child)
+        self._seqs[child.seq_id] = child
+        return child
+
+    def _victim_index(self) -> int:
+        """Where in `_running` the next sequence to preempt is: the newest awaiting beam, or else
+        the newest sequence."""
+        for j in range(len(self._running) - 1, -1, -1):
+            if self._running[j].awaiting:
+                return j
+        return len(self._running) - 1
+
     def _preempt(self, seq: _Seq) -> None:
-        """Evicts a sequence already taken off `_running`: it loses its pages and, ahead of every
-        other waiting sequence, later recomputes all the tokens it holds."""
+        """Evicts a sequence already taken off `_running`: it loses its pages (its full ones stay
+        in the prefix cache until evicted) and, ahead of every other waiting sequence, later
+        recomputes the tokens it holds that are not cached by then."""
         self.block_manager.free(seq.block_table)
         seq.block_table = []
         seq.num_computed = 0
+        seq.num_registered = 0
         seq.prefill_len = len(seq.token_ids)
         self._waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _page_hashes(self, seq: _Seq, num_pages: int) -> list[bytes]:
+        """The hash chain of the first `num_pages` full pages of the sequence's tokens."""
+        ps = self.block_manager.page_size
+        hashes = seq.page_hashes
+        for i in range(len(hashes), num_pages):
+            hashes.append(
+                hash_page(hashes[-1] if hashes else None, seq.token_ids[i * ps : (i + 1) * ps])
+            )
+        return hashes[:num_pages]
+
+    def _cached_prefix(self, seq: _Seq) -> list[int]:
+        """Cached pages for the longest full-page prefix of a waiting sequence's tokens, leaving
+        at least its last token to compute (its logits are what gets sampled)."""
+        if not self.enable_prefix_caching or not seq.request.reads_cache:
+            return []
+        max_pages = (len(seq.token_ids) - 1) // self.block_manager.page_size
+        return self.block_manager.cached_prefix(self._page_hashes(seq, max_pages))
+
+    def _register_full_pages(self, seq: _Seq) -> None:
+        """Offers the pages a step has just filled with computed K/V to the prefix cache."""
+        full = seq.num_computed // self.block_manager.page_size
+        if full > seq.num_registered:
+            hashes = self._page_hashes(seq, full)
+            for i in range(seq.num_registered, full):
+                self.block_manager.register(seq.block_table[i], hashes[i])
+            seq.num_registered = full
+
+    # ---- slots ------------------------------------------------------------------------------
+    def _slots_in_use(self) -> int:
+        """Batch slots the running sequences hold: their own plus the n > 1 forks still to come,
+        and a beam search's full width as long as any of its beams runs."""
+        slots = 0
+        beam_requests = set()
+        for seq in self._running:
+            if seq.request.beam_width:
+                beam_requests.add(seq.request.request_id)
+            else:
+                slots += seq.num_slots
+        return slots + sum(self._requests[rid].beam_width for rid in beam_requests)
+
+    def _slots_to_admit(self, seq: _Seq) -> int:
+        request = seq.request
+        if not request.beam_width:
+            return seq.num_slots
+        running = any(s.block_table for s in request.seqs)
+        return 0 if running else request.beam_width
+
+    # ---- beam search primitives ---------------------------------------------------------------
+    def fork_seq(self, seq_id: int) -> int:
+        """A new sequence continuing from awaiting beam `seq_id`: the same tokens, sharing all its
+        pages (copy-on-write), queued right after it. Returns the new sequence's id."""
+        parent = self._awaiting(seq_id)
+        child = self._copy_seq(parent, parent.index)
+        queue = self._running if parent.block_table else self._waiting
+        queue.insert(queue.index(parent) + 1, child)
+        return child.seq_id
+
+    def append_token(self, seq_id: int, token_id: int) -> None:
+        """Extends awaiting beam `seq_id` by `token_id`, which it computes from the next step."""
+        seq = self._awaiting(seq_id)
+        seq.token_ids.append(token_id)
+        seq.awaiting = False
+        if not seq.block_table:  # preempted: everything is recomputed
+            seq.prefill_len = len(seq.token_ids)
+
+    def free_seq(self, seq_id: int) -> None:
+        """Drops one beam and its page references; the request ends with its last sequence."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"seq {seq_id} is not live")
+        self._remove(seq)
+
+    def _awaiting(self, seq_id: int) -> _Seq:
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"seq {seq_id} is not live")
+        if not seq.awaiting:
+            raise ValueError(f"seq {seq_id} is not a sampled beam awaiting its next token")
+        return seq
 
     def _remove(self, seq: _Seq) -> None:
         """Takes a finished or aborted sequence out of every queue and frees its pages."""

@@ -69,6 +69,8 @@ class _WireSampling(Protocol):
     include_stop_str_in_output: bool
     ignore_eos: bool
     min_tokens: int
+    use_beam_search: bool
+    early_stopping: bool
 
     def HasField(self, name: str) -> bool: ...
 
@@ -90,9 +92,19 @@ _OPTIONAL_FIELDS = (
     "prompt_logprobs",
     "skip_special_tokens",
     "detokenize",
+    "best_of",
+    "length_penalty",
 )
 _FLOAT_FIELDS = frozenset(
-    {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+    {
+        "temperature",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "length_penalty",
+    }
 )
 
 
@@ -124,6 +136,8 @@ def sampling_params_from_wire(wire: _WireSampling | None, limits: Limits) -> Sam
             include_stop_str_in_output=wire.include_stop_str_in_output,
             ignore_eos=wire.ignore_eos,
             min_tokens=wire.min_tokens,
+            use_beam_search=wire.use_beam_search,
+            early_stopping=wire.early_stopping,
             **kwargs,
         )
     except ValueError as e:

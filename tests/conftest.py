@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
+
+# Float32 parity checks need true f32 matmuls; GPUs default to TF32 for them.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

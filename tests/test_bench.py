@@ -28,18 +28,10 @@ from models import abstract_model
 
 # One engine shape for the in-process modes, so their compilations are shared: 3 usable pages of
 # 16 tokens hold two 14-token sequences but not two 30-token ones (the throughput run preempts).
-TINY = [
-    "--random-weights",
-    "tiny",
-    "--max-num-seqs",
-    "2",
-    "--max-num-batched-tokens",
-    "16",
-    "--max-model-len",
-    "32",
-    "--num-pages",
-    "4",
-]
+TINY = (
+    "--random-weights tiny --max-num-seqs 2 --max-num-batched-tokens 16 --max-model-len 32 "
+    "--num-pages 4"
+).split()
 
 
 def run_cli(tmp_path: Path, mode: str, *extra: str) -> dict:

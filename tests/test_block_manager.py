@@ -1,10 +1,11 @@
-"""Tests for `serving.block_manager`: page allocation, reference counts, fork and copy-on-write."""
+"""Tests for `serving.block_manager`: page allocation, reference counts, fork, copy-on-write and
+the prefix cache (hash chains, reuse, LRU eviction that spares pages in use)."""
 
 from __future__ import annotations
 
 import pytest
 
-from serving.block_manager import BlockManager
+from serving.block_manager import BlockManager, hash_page
 
 
 def all_free(bm: BlockManager) -> bool:
@@ -155,3 +156,110 @@ def test_prepare_write_is_all_or_nothing():
 def test_constructor_validation_names_the_field(num_pages, page_size, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         BlockManager(num_pages=num_pages, page_size=page_size)
+
+
+# --- prefix cache ------------------------------------------------------------------------------
+
+
+def chain(pages_of_tokens: list[list[int]]) -> list[bytes]:
+    hashes, parent = [], None
+    for tokens in pages_of_tokens:
+        parent = hash_page(parent, tokens)
+        hashes.append(parent)
+    return hashes
+
+
+def test_page_hashes_chain_the_whole_prefix():
+    a = chain([[1, 2], [3, 4]])
+    b = chain([[9, 9], [3, 4]])
+    assert a[0] != b[0] and a[1] != b[1]  # same tokens, different prefix
+    assert chain([[1, 2], [3, 4]]) == a
+    assert hash_page(None, [1, 2]) != hash_page(None, [2, 1])
+    assert hash_page(None, [1, 2]) != hash_page(None, [1, 2, 0])
+
+
+def test_freed_registered_pages_stay_cached_and_can_be_attached_again():
+    bm = BlockManager(num_pages=6, page_size=2)
+    table = bm.allocate(3)
+    hashes = chain([[1, 2], [3, 4], [5, 6]])
+    for page, h in zip(table, hashes[:2], strict=False):
+        bm.register(page, h)
+    bm.free(table)
+    assert all_free(bm)  # cached pages nobody holds count as free
+    assert (bm.num_cached_pages, bm.num_evictable_pages) == (2, 2)
+    assert bm.cached_prefix(hashes) == table[:2]
+    assert bm.cached_prefix(chain([[1, 2], [9, 9]])) == table[:1]
+    assert bm.cached_prefix(chain([[3, 4]])) == []  # the same tokens as a first page differ
+    assert bm.pages_to_attach(table[:2]) == 2
+    attached = bm.attach(table[:2])
+    assert attached == table[:2] and [bm.ref_count(p) for p in attached] == [1, 1]
+    assert bm.num_free_pages == 3 and bm.num_evictable_pages == 0
+    other = bm.attach(bm.cached_prefix(hashes))  # a second holder shares them
+    assert [bm.ref_count(p) for p in other] == [2, 2] and bm.pages_to_attach(other) == 0
+    bm.free(attached)
+    bm.free(other)
+    assert all_free(bm) and bm.num_evictable_pages == 2
+
+
+def test_fresh_pages_come_from_uncached_ones_first_then_the_least_recently_freed_cached():
+    bm = BlockManager(num_pages=7, page_size=1)
+    pages = bm.allocate(4)
+    hashes = chain([[t] for t in range(4)])
+    for page, h in zip(pages, hashes, strict=True):
+        bm.register(page, h)
+    bm.free([pages[2]])
+    bm.free([pages[0], pages[1]])  # tail first: pages[1], then pages[0]
+    bm.free([pages[3]])
+    # LRU order of the cached pages is now 2, 1, 0, 3; two never-cached pages go first.
+    uncached = bm.allocate(2)
+    assert not set(uncached) & set(pages) and bm.num_cached_pages == 4
+    assert bm.allocate(2) == [pages[2], pages[1]]
+    assert bm.num_cached_pages == 2
+    assert bm.cached_prefix(hashes) == pages[:1]  # the chain breaks at its evicted second page
+    assert bm.page_hash(pages[2]) is None and bm.page_hash(pages[0]) == hashes[0]
+
+
+def test_eviction_never_takes_a_page_in_use():
+    bm = BlockManager(num_pages=5, page_size=2)
+    held = bm.allocate(2)
+    hashes = chain([[1, 1], [2, 2]])
+    for page, h in zip(held, hashes, strict=True):
+        bm.register(page, h)
+    fresh = bm.allocate(2)
+    assert not set(fresh) & set(held)
+    assert not bm.can_allocate(1)
+    with pytest.raises(RuntimeError, match="out of KV-cache pages"):
+        bm.allocate(1)
+    assert bm.cached_prefix(hashes) == held  # still cached and intact
+    bm.free(fresh)
+    bm.free(held[1:])
+    # One cached page is free now; taking three pages evicts it but not the held one.
+    bm.allocate(3)
+    assert bm.cached_prefix(hashes) == held[:1] and bm.ref_count(held[0]) == 1
+
+
+def test_a_prefix_computed_twice_stays_cached_once():
+    bm = BlockManager(num_pages=5, page_size=2)
+    first, second = bm.allocate(1), bm.allocate(1)
+    h = hash_page(None, [4, 2])
+    bm.register(first[0], h)
+    bm.register(second[0], h)
+    bm.register(first[0], hash_page(None, [0, 0]))  # already registered: unchanged
+    assert bm.page_hash(first[0]) == h and bm.page_hash(second[0]) is None
+    bm.free(first)
+    bm.free(second)
+    assert bm.num_evictable_pages == 1 and bm.cached_prefix([h]) == first
+
+
+def test_cached_pages_are_never_written_and_attach_checks_pages():
+    bm = BlockManager(num_pages=6, page_size=2)
+    table: list[int] = []
+    bm.prepare_write(table, 0, 3)
+    bm.register(table[0], hash_page(None, [1, 2]))
+    with pytest.raises(ValueError, match="cached full page"):
+        bm.prepare_write(table, 1, 3)
+    assert bm.prepare_write(table, 3, 4) == []  # past the cached page: fine
+    with pytest.raises(ValueError, match="not in the prefix cache"):
+        bm.attach([table[1]])
+    with pytest.raises(ValueError, match="double free"):
+        bm.register(5, hash_page(None, [0, 0]))

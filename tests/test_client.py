@@ -164,6 +164,8 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "seed": None,
         "kv_memory_fraction": 0.5,
         "attention_backend": None,
+        "tensor_parallel_size": None,
+        "expert_parallel_size": None,
     }
     assert seen == {
         "engine": engine,

@@ -3,8 +3,10 @@
 The fake engine keeps a paged token store in place of the KV cache: it applies the plan's page
 copies, writes every row's tokens through its block table, then reads each sampling row's whole
 context back through the block table and asserts it is exactly the sequence's tokens. A wrong block
-table, a missed copy-on-write, a page shared by mistake or a bad recompute therefore fails loudly.
-Sampled tokens depend on the context read back, so outputs are also compared across cache sizes.
+table, a missed copy-on-write, a page shared by mistake, a bad recompute or a cached page reused
+for the wrong prefix therefore fails loudly. Sampled tokens (and the fake next-token logprobs beam
+searches rank) depend on the context read back, so outputs are also compared across cache sizes
+and with prefix caching on and off.
 """
 
 from __future__ import annotations
@@ -17,18 +19,32 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from jaxserve.beam_search import BeamSearch, Hypothesis
+from serving.block_manager import hash_page
 from serving.scheduler import Scheduler, SeqUpdate, StepPlan
 
 VOCAB = 50
 Sampler = Callable[[int, list[int]], int]
 
 
-def context_sampler(seq_id: int, context: list[int]) -> int:
-    """A deterministic 'model': the next token depends on every context token and the seq."""
-    h = 7 * seq_id
+def context_hash(seed: int, context: list[int]) -> int:
+    h = 7 * seed
     for pos, tok in enumerate(context):
         h = (h * 31 + (pos + 1) * (tok + 1)) % 1_000_003
-    return h % VOCAB
+    return h
+
+
+def context_sampler(seq_id: int, context: list[int]) -> int:
+    """A deterministic 'model': the next token depends on every context token and the seq."""
+    return context_hash(seq_id, context) % VOCAB
+
+
+def fake_logprobs(context: list[int]) -> dict[int, float]:
+    """Deterministic next-token 'logprobs' of a context: its 20 most likely tokens, as the engine
+    reports them to a beam search."""
+    h = context_hash(1, context) + 1
+    lps = {tok: -((h * (tok + 7)) % 1_000_003) / 100_000 for tok in range(VOCAB)}
+    return dict(sorted(lps.items(), key=lambda kv: -kv[1])[:20])
 
 
 class Harness:
@@ -47,6 +63,10 @@ class Harness:
         self.finished: dict[int, SeqUpdate | None] = {}  # None: finished by finish_seq
         self.aborted: set[str] = set()
         self.plans: list[StepPlan] = []
+        # Beam searches: running ones, results of finished ones, every beam's tokens.
+        self.beams: dict[str, BeamSearch] = {}
+        self.beam_results: dict[str, list[Hypothesis]] = {}
+        self.beam_tokens: dict[int, list[int]] = {}
 
     def add(self, request_id: str, prompt: list[int], **kw) -> None:
         kw.setdefault("n", 1)
@@ -54,18 +74,41 @@ class Harness:
         self.sched.add_request(request_id, prompt, **kw)
         self.prompts[request_id] = list(prompt)
 
+    def add_beam(self, request_id: str, prompt: list[int], width: int, **kw) -> None:
+        """Adds a beam search of `width` beams, returning `n` (default 1) hypotheses."""
+        n = kw.pop("n", 1)
+        kw.setdefault("max_tokens", 8)
+        seq_id = self.sched.add_request(request_id, prompt, n=1, beam_width=width, **kw)
+        self.prompts[request_id] = list(prompt)
+        self.seq_request[seq_id] = request_id
+        self.beam_tokens[seq_id] = list(prompt)
+        self.beams[request_id] = BeamSearch(
+            seq_id,
+            prompt_len=len(prompt),
+            width=width,
+            n=n,
+            max_tokens=kw["max_tokens"],
+            max_model_len=self.sched.max_model_len,
+            eos_token_ids=frozenset(() if kw.get("ignore_eos") else kw.get("eos_token_ids", ())),
+            stop_token_ids=frozenset(kw.get("stop_token_ids", ())),
+        )
+
     def abort(self, request_id: str) -> None:
         self.sched.abort_request(request_id)
         self.aborted.add(request_id)
+        self.beams.pop(request_id, None)
 
     def tokens(self, seq_id: int) -> list[int]:
+        if seq_id in self.beam_tokens:
+            return self.beam_tokens[seq_id]
         return self.prompts[self.seq_request[seq_id]] + self.outputs.get(seq_id, [])
 
     def live_seq_ids(self) -> list[int]:
+        """Live sequences that are not beams (those are the beam search's to finish)."""
         return [
             sid
             for sid, rid in self.seq_request.items()
-            if sid not in self.finished and rid not in self.aborted
+            if sid not in self.finished and rid not in self.aborted and sid not in self.beam_tokens
         ]
 
     def outputs_of(self, request_id: str) -> dict[int, list[int]]:
@@ -129,6 +172,16 @@ class Harness:
             assert u.request_id == self.seq_request[u.seq_id]
             if u.finished:
                 self.finished[u.seq_id] = u
+        for row in (*plan.decode, *plan.prefill):
+            search = self.beams.get(row.request_id)
+            for sid in row.sample_seq_ids if search is not None else ():
+                search.add_logprobs(sid, fake_logprobs(self.tokens(sid)))
+        for rid, search in list(self.beams.items()):
+            if search.ready:
+                search.advance(BeamRecorder(self))
+            if search.done:
+                self.beam_results[rid] = search.best()
+                del self.beams[rid]
         check_pages(self.sched)
         assert self.sched.num_running <= self.sched.max_num_seqs
         return plan, updates
@@ -144,15 +197,50 @@ class Harness:
         return steps
 
 
+class BeamRecorder:
+    """The scheduler's beam primitives, mirrored into the harness's view of every beam's tokens."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+
+    def fork_seq(self, seq_id: int) -> int:
+        child = self.h.sched.fork_seq(seq_id)
+        self.h.seq_request[child] = self.h.seq_request[seq_id]
+        self.h.beam_tokens[child] = list(self.h.beam_tokens[seq_id])
+        return child
+
+    def append_token(self, seq_id: int, token_id: int) -> None:
+        self.h.sched.append_token(seq_id, token_id)
+        self.h.beam_tokens[seq_id].append(token_id)
+
+    def free_seq(self, seq_id: int) -> None:
+        self.h.sched.free_seq(seq_id)
+
+
 def check_pages(sched: Scheduler) -> None:
     """Every page's refcount equals the number of live block tables holding it; free pages are
-    exactly those with no holder; running sequences hold pages for exactly their computed tokens."""
+    exactly those with no holder, the evictable ones among them exactly the cached ones; every
+    cached page a sequence holds is registered under the hash of that sequence's own prefix;
+    running sequences hold pages for exactly their computed tokens."""
     bm = sched.block_manager
     holders = Counter(p for seq in sched._seqs.values() for p in seq.block_table)
     assert 0 not in holders
     for page in range(bm.num_pages):
         assert bm.ref_count(page) == holders[page], page
     assert bm.num_free_pages == bm.num_usable_pages - len(holders)
+    assert {page: h for h, page in bm._cached.items()} == bm._page_hash
+    assert not set(bm._free) & set(bm._evictable)
+    assert set(bm._free) | set(bm._evictable) == set(range(1, bm.num_pages)) - set(holders)
+    assert set(bm._evictable) == set(bm._page_hash) - set(holders)
+    if not sched.enable_prefix_caching:
+        assert not bm._page_hash
+    for seq in sched._seqs.values():
+        parent = None
+        for i, page in enumerate(seq.block_table):
+            if i * bm.page_size + bm.page_size > len(seq.token_ids):
+                break
+            parent = hash_page(parent, seq.token_ids[i * bm.page_size : (i + 1) * bm.page_size])
+            assert bm.page_hash(page) in (None, parent)
     for seq in sched._running:
         assert len(seq.block_table) == bm.pages_for(seq.num_computed)
     # What lets decodes go first and running prefills skip the row limit (see `schedule`).
@@ -174,6 +262,7 @@ def assert_all_free(sched: Scheduler) -> None:
 
 
 def config(**overrides: int) -> dict[str, int]:
+    """Scheduler arguments; prefix caching stays on unless `enable_prefix_caching=False`."""
     base = dict(
         num_pages=65,
         page_size=4,
@@ -577,9 +666,15 @@ def test_a_tiny_cache_gives_the_same_outputs_as_a_large_one():
 
 def test_a_mid_prefill_sequence_can_be_preempted_and_restarts_its_prompt():
     # 8 pages of 2 tokens; a budget of 4 leaves b 3 prompt tokens a step next to a's decode.
+    # Without prefix caching, so that the restart recomputes from the first token.
     h = Harness(
         **config(
-            num_pages=9, page_size=2, max_num_seqs=2, max_num_batched_tokens=4, max_model_len=16
+            num_pages=9,
+            page_size=2,
+            max_num_seqs=2,
+            max_num_batched_tokens=4,
+            max_model_len=16,
+            enable_prefix_caching=False,
         )
     )
     h.add("a", prompt(4), max_tokens=9)
@@ -654,7 +749,16 @@ def test_chunked_n_sample_prompt_forks_only_at_its_last_chunk():
 
 
 def test_preempted_fork_recomputes_on_its_own():
-    h = Harness(**config(num_pages=7, page_size=2, max_num_seqs=2, max_model_len=12))  # 12 tokens
+    # 12 tokens of cache; without prefix caching, so that recomputes start from the first token.
+    h = Harness(
+        **config(
+            num_pages=7,
+            page_size=2,
+            max_num_seqs=2,
+            max_model_len=12,
+            enable_prefix_caching=False,
+        )
+    )
     h.add("r", prompt(5), max_tokens=7, n=2)
     h.run()
     assert h.sched.num_preemptions > 0
@@ -668,12 +772,207 @@ def test_preempted_fork_recomputes_on_its_own():
     assert {i: len(t) for i, t in h.outputs_of("r").items()} == {0: 7, 1: 7}
 
 
+# --- prefix caching ------------------------------------------------------------------------------
+
+
+def test_a_repeated_prompt_attaches_its_cached_full_pages_but_computes_its_last_token():
+    h = Harness(**config(page_size=4))
+    h.add("a", prompt(10), max_tokens=3)
+    h.run()
+    bm = h.sched.block_manager
+    # 10 prompt tokens + 2 fed-back outputs were computed: 3 full pages, now cached and free.
+    assert (bm.num_cached_pages, bm.num_evictable_pages) == (3, 3)
+    [a_row] = h.plans[0].prefill
+    h.add("b", prompt(10), max_tokens=3)
+    plan, _ = h.step()
+    [row] = plan.prefill
+    assert (row.start_pos, row.token_ids) == (8, prompt(10)[8:])
+    assert row.block_table[:2] == a_row.block_table[:2]
+    assert [bm.ref_count(p) for p in row.block_table] == [1, 1, 1]
+    assert h.sched.num_cached_tokens("b") == 8
+    # A prompt of exactly the cached pages still computes its last page: its last token's logits
+    # are what gets sampled.
+    a_out = h.outputs_of("a")[0]
+    h.add("c", prompt(10) + a_out[:2], max_tokens=3)
+    # A later turn of the conversation reuses the pages of the generated tokens too.
+    h.add("d", prompt(10) + a_out + [1, 2, 3], max_tokens=3)
+    plan, _ = h.step()
+    assert [(r.request_id, r.start_pos) for r in plan.prefill] == [("c", 8), ("d", 12)]
+    assert h.sched.num_cached_tokens("d") == 12
+    h.run()
+    assert h.outputs_of("b") == {0: expected_output(1, prompt(10), 3)}
+    assert h.outputs_of("d") == {0: expected_output(3, prompt(10) + a_out + [1, 2, 3], 3)}
+    assert (h.sched.prefix_cache_hits, h.sched.prefix_cache_queries) == (28, 10 + 10 + 12 + 16)
+
+
+def test_running_sequences_share_the_pages_of_a_common_prefix():
+    h = Harness(**config(page_size=4))
+    h.add("a", prompt(20), max_tokens=10)
+    h.step()
+    h.add("b", prompt(18) + [7, 7, 7], max_tokens=10)
+    plan, _ = h.step()
+    [row] = plan.prefill
+    a_table = next(s.block_table for s in h.sched._running if s.request.request_id == "a")
+    assert row.start_pos == 16 and row.block_table[:4] == a_table[:4]
+    bm = h.sched.block_manager
+    assert [bm.ref_count(p) for p in row.block_table] == [2, 2, 2, 2, 1, 1]
+    h.abort("a")
+    assert [bm.ref_count(p) for p in row.block_table] == [1, 1, 1, 1, 1, 1]
+    h.run()
+    assert h.outputs_of("b") == {0: expected_output(1, prompt(18) + [7, 7, 7], 10)}
+
+
+def test_a_preempted_sequence_resumes_after_its_cached_pages():
+    # 8 pages of 2 tokens: b is preempted when a grows, and its first pages are still cached
+    # when it comes back.
+    def run(caching: bool) -> Harness:
+        h = Harness(
+            **config(
+                num_pages=9,
+                page_size=2,
+                max_num_seqs=4,
+                max_model_len=16,
+                enable_prefix_caching=caching,
+            )
+        )
+        h.add("a", prompt(3), max_tokens=10)
+        h.add("b", prompt(5, seed=1), max_tokens=6)
+        h.run()
+        assert h.sched.num_preemptions == 1
+        return h
+
+    cached, uncached = run(True), run(False)
+    recomputes = [[r for r in h.plans[10].prefill] for h in (cached, uncached)]
+    assert [[(r.request_id, r.start_pos) for r in rows] for rows in recomputes] == [
+        [("b", 4)],
+        [("b", 0)],
+    ]
+    assert {r: cached.outputs_of(r) for r in "ab"} == {r: uncached.outputs_of(r) for r in "ab"}
+    # The metric counts prompt tokens at the first admission only.
+    assert cached.sched.prefix_cache_hits == 4
+
+
+def test_skip_prefix_cache_computes_every_token():
+    h = Harness(**config(page_size=4))
+    h.add("a", prompt(12), max_tokens=2)
+    h.run()
+    h.add("b", prompt(12), max_tokens=2, skip_prefix_cache=True)
+    h.add("c", prompt(12), max_tokens=2)
+    plan, _ = h.step()
+    assert [(r.request_id, r.start_pos) for r in plan.prefill] == [("b", 0), ("c", 8)]
+    assert h.sched.prefix_cache_queries == 24  # b's tokens are not queries
+    h.run()
+
+
+@pytest.mark.parametrize("num_pages", [200, 14])
+def test_outputs_with_prefix_caching_equal_outputs_without(num_pages):
+    common = prompt(22, seed=5)
+
+    def run(caching: bool) -> tuple[dict[str, dict[int, list[int]]], Scheduler]:
+        h = Harness(
+            **config(
+                num_pages=num_pages,
+                page_size=4,
+                max_num_seqs=4,
+                max_num_batched_tokens=24,
+                max_model_len=48,
+                max_prefill_seqs=2,
+                enable_prefix_caching=caching,
+            )
+        )
+        for i in range(8):
+            h.add(f"r{i}", common[: 14 + i] + prompt(i % 3, seed=i), max_tokens=4 + i, n=1 + i % 2)
+            h.step()
+        h.run()
+        return {r: h.outputs_of(r) for r in h.prompts}, h.sched
+
+    with_cache, sched = run(True)
+    without, plain = run(False)
+    assert with_cache == without
+    assert sched.prefix_cache_hits > 0 and plain.prefix_cache_queries == 0
+    assert (sched.num_preemptions > 0) == (num_pages == 14)
+
+
+# --- beam search primitives ----------------------------------------------------------------------
+
+
+def test_sampled_beams_await_the_search_and_sit_out_until_extended():
+    sched = Scheduler(**config(page_size=4))
+    root = sched.add_request("r", prompt(6), n=1, max_tokens=4, beam_width=2)
+    plan = sched.schedule()
+    assert sched.update(plan, {root: 0}) == []  # a beam gets no token from the sampler
+    assert sched.schedule().is_empty
+    with pytest.raises(KeyError):
+        sched.fork_seq(root + 1)
+    child = sched.fork_seq(root)
+    sched.append_token(root, 11)
+    sched.append_token(child, 12)
+    with pytest.raises(ValueError, match="awaiting"):
+        sched.append_token(root, 13)
+    with pytest.raises(ValueError, match="awaiting"):
+        sched.fork_seq(child)
+    plan = sched.schedule()
+    assert [(r.seq_id, r.token_ids, r.start_pos) for r in plan.decode] == [
+        (root, [11], 6),
+        (child, [12], 6),
+    ]
+    # Both write into the shared partial page: the first writer gets a copy.
+    assert plan.page_copies == [(plan.decode[1].block_table[1], plan.decode[0].block_table[1])]
+    assert plan.decode[0].block_table[0] == plan.decode[1].block_table[0]
+    sched.update(plan, {root: 0, child: 0})
+    sched.free_seq(child)
+    with pytest.raises(KeyError):
+        sched.free_seq(child)
+    assert sched.has_unfinished()
+    sched.free_seq(root)
+    assert_all_free(sched)
+
+
+def test_a_beam_search_reserves_its_width_in_batch_slots():
+    h = Harness(**config(max_num_seqs=4))
+    h.add_beam("beams", prompt(5), width=3, max_tokens=4)
+    h.add("other", prompt(5, seed=1), max_tokens=4, n=2)
+    plan, _ = h.step()
+    assert [row.request_id for row in plan.prefill] == ["beams"]
+    assert h.sched.num_running == 3  # the search branched into its full width
+    h.run()
+    assert len(h.beam_results["beams"]) == 1 and len(h.outputs_of("other")) == 2
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_beam_searches_in_a_tiny_cache_equal_those_in_an_ample_one(caching):
+    def run(num_pages: int) -> tuple[dict[str, list[Hypothesis]], Harness]:
+        h = Harness(
+            **config(
+                num_pages=num_pages,
+                page_size=2,
+                max_num_seqs=8,
+                max_model_len=24,
+                enable_prefix_caching=caching,
+            )
+        )
+        h.add_beam("a", prompt(7), width=4, n=2, max_tokens=12, eos_token_ids=[3])
+        h.add("plain", prompt(9, seed=2), max_tokens=10)
+        h.add_beam("b", prompt(5, seed=1), width=3, n=3, max_tokens=10)
+        h.run()
+        return h.beam_results, h
+
+    ample, _ = run(200)
+    tight, h = run(13)  # 12 pages of 2: barely the longest sequence
+    assert h.sched.num_preemptions > 0
+    assert tight == ample
+    assert [len(ample[r]) for r in "ab"] == [2, 3]
+
+
 # --- random interleavings ------------------------------------------------------------------------
 
 request_st = st.fixed_dictionaries(
     {
         "prompt_len": st.integers(1, 40),
+        # Prompts of one seed are prefixes of one another: the prefix cache gets hits.
+        "seed": st.integers(0, 3),
         "n": st.integers(1, 3),
+        "beam_width": st.sampled_from([0, 0, 1, 2, 3]),
         "max_tokens": st.integers(1, 16),
         "min_tokens": st.integers(0, 2),
         "eos": st.lists(st.integers(0, VOCAB - 1), max_size=2),
@@ -698,6 +997,7 @@ op_st = st.one_of(
     max_num_seqs=st.integers(1, 5),
     spare_budget=st.integers(0, 12),
     max_prefill_seqs=st.integers(1, 3),
+    enable_prefix_caching=st.booleans(),
     initial=st.lists(request_st, min_size=1, max_size=6),
     ops=st.lists(op_st, max_size=30),
 )
@@ -708,6 +1008,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
     max_num_seqs,
     spare_budget,
     max_prefill_seqs,
+    enable_prefix_caching,
     initial,
     ops,
 ):
@@ -720,22 +1021,29 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         max_num_batched_tokens=max_num_seqs + spare_budget,
         max_model_len=max_model_len,
         max_prefill_seqs=max_prefill_seqs,
+        enable_prefix_caching=enable_prefix_caching,
     )
     added: list[str] = []
 
     def add(req: dict) -> None:
         rid = f"r{len(added)}"
         max_tokens = req["max_tokens"]
-        h.add(
-            rid,
-            prompt(1 + req["prompt_len"] % (max_model_len - 1), seed=len(added)),
-            n=min(req["n"], max_num_seqs),
-            max_tokens=max_tokens,
-            min_tokens=min(req["min_tokens"], max_tokens),
-            eos_token_ids=req["eos"],
-            stop_token_ids=req["stop"],
-            ignore_eos=req["ignore_eos"],
+        ids = prompt(1 + req["prompt_len"] % (max_model_len - 1), seed=req["seed"])
+        stops = dict(
+            eos_token_ids=req["eos"], stop_token_ids=req["stop"], ignore_eos=req["ignore_eos"]
         )
+        width = min(req["beam_width"], max_num_seqs)
+        if width:
+            h.add_beam(rid, ids, width, n=min(req["n"], width), max_tokens=max_tokens, **stops)
+        else:
+            h.add(
+                rid,
+                ids,
+                n=min(req["n"], max_num_seqs),
+                max_tokens=max_tokens,
+                min_tokens=min(req["min_tokens"], max_tokens),
+                **stops,
+            )
         added.append(rid)
 
     for req in initial:
@@ -764,10 +1072,15 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         ("copied", any(p.page_copies for p in h.plans)),
         ("forked", any(len(r.sample_seq_ids) > 1 for p in h.plans for r in p.prefill)),
         ("chunked", any(not r.sample_seq_ids for p in h.plans for r in p.prefill)),
+        ("cache hit", h.sched.prefix_cache_hits),
+        ("beam search", h.beam_results),
     ]:
         event(f"{name}: {bool(hit)}")
     for rid in added:
         if rid in h.aborted:
             continue
+        room = max_model_len - len(h.prompts[rid])
         for toks in h.outputs_of(rid).values():
-            assert 1 <= len(toks) <= max_model_len - len(h.prompts[rid])
+            assert 1 <= len(toks) <= room
+        for hyp in h.beam_results.get(rid, ()):
+            assert 1 <= len(hyp.token_ids) <= room

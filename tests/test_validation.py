@@ -108,10 +108,44 @@ def test_set_fields_override_defaults_even_when_zero() -> None:
         (pb.SamplingParams(stop=[""]), "stop"),
         (pb.SamplingParams(stop_token_ids=[-4]), "stop_token_ids"),
         (pb.SamplingParams(stop_token_ids=list(range(65))), "stop_token_ids"),
+        (pb.SamplingParams(best_of=3), "best_of"),
+        (pb.SamplingParams(length_penalty=2.0), "length_penalty"),
+        (pb.SamplingParams(early_stopping=True), "early_stopping"),
+        (pb.SamplingParams(use_beam_search=True), "temperature"),
+        (pb.SamplingParams(use_beam_search=True, temperature=0, best_of=9), "best_of"),
+        (pb.SamplingParams(use_beam_search=True, temperature=0, n=3, best_of=2), "best_of"),
+        (
+            pb.SamplingParams(use_beam_search=True, temperature=0, length_penalty=math.nan),
+            "length_penalty",
+        ),
     ],
 )
 def test_invalid_sampling_names_the_field(wire: pb.SamplingParams, field: str) -> None:
     assert field_of(sampling_params_from_wire, wire, LIMITS) == field
+
+
+def test_beam_search_fields_map_to_the_dataclass() -> None:
+    wire = pb.SamplingParams(
+        use_beam_search=True,
+        temperature=0.0,
+        n=2,
+        best_of=4,
+        length_penalty=0.0,
+        early_stopping=True,
+    )
+    params = sampling_params_from_wire(wire, LIMITS)
+    assert params == SamplingParams(
+        use_beam_search=True,
+        temperature=0.0,
+        n=2,
+        best_of=4,
+        length_penalty=0.0,
+        early_stopping=True,
+    )
+    assert params.beam_width == 4
+    # best_of unset: the width is n.
+    wire = pb.SamplingParams(use_beam_search=True, temperature=0.0, n=3)
+    assert sampling_params_from_wire(wire, LIMITS).beam_width == 3
 
 
 def test_server_limits_can_be_tighter_than_the_dataclass() -> None:

@@ -34,6 +34,8 @@ ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("--max-prefill-seqs", int, "most prompts (chunks) in one step"),
     ("--max-model-len", int, "context length, prompt + output (default: what the run needs)"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
+    ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
+    ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )
 
 # Engine defaults when a random-weight model is built here; `LLMEngine.from_pretrained` applies
@@ -82,6 +84,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in ENGINE_OPTIONS:
         g.add_argument(flag, type=kind, default=None, help=text)
     g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_const",
+        const=False,
+        default=None,
+        help="recompute every prompt instead of reusing cached K/V of shared prefixes",
+    )
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -212,16 +222,23 @@ def model_label(args: argparse.Namespace) -> str:
     return args.model or "default"
 
 
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def num_model_devices(args: argparse.Namespace) -> int:
+    """How many devices the model is spread over (tensor x expert parallel)."""
+    return (args.tensor_parallel_size or 1) * (args.expert_parallel_size or 1)
+
+
 def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngine:
     """The engine the options describe. `min_model_len`: what the run needs when the user gave no
     --max-model-len (a random-weight model's default context grows to it)."""
     from jaxserve.llm_engine import LLMEngine
 
-    options = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in ENGINE_OPTIONS
-    }
+    options = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in ENGINE_OPTIONS}
     options["attention_backend"] = args.attention_backend
+    options["enable_prefix_caching"] = args.enable_prefix_caching
     given = {k: v for k, v in options.items() if v is not None}
     if not args.random_weights:
         llm = LLMEngine.from_pretrained(args.model, dtype=args.dtype, seed=args.seed, **given)
@@ -250,9 +267,19 @@ def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngi
     batched = given.get("max_num_batched_tokens", defaults["max_num_batched_tokens"])
     # As `from_pretrained` does: a step must hold one decode token of every running sequence.
     given["max_num_batched_tokens"] = max(batched, max_num_seqs)
-    model = random_model(cfg, resolve_dtype(args.dtype), seed=args.seed)
+    dtype = resolve_dtype(args.dtype)
+    tp = given.pop("tensor_parallel_size", 1)
+    ep = given.pop("expert_parallel_size", 1)
+    mesh, shardings = None, None
+    if tp * ep > 1:
+        from jaxserve import sharding
+
+        # As `from_pretrained` does: each device initialises only its own shards.
+        mesh = sharding.make_mesh(tp, ep)
+        shardings = sharding.param_shardings(cfg, dtype, mesh)
+    model = random_model(cfg, dtype, seed=args.seed, shardings=shardings)
     return LLMEngine(
-        model, None, EngineConfig(**given), model_name=model_label(args), seed=args.seed
+        model, None, EngineConfig(**given), model_name=model_label(args), seed=args.seed, mesh=mesh
     )
 
 
@@ -267,9 +294,11 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--dtype", args.dtype]
     argv += ["--seed", str(args.seed)]
     for flag, _, _ in ENGINE_OPTIONS:
-        value = getattr(args, flag[2:].replace("-", "_"))
+        value = getattr(args, _dest(flag))
         if value is not None:
             argv += [flag, str(value)]
     if args.attention_backend:
         argv += ["--attention-backend", args.attention_backend]
+    if args.enable_prefix_caching is False:
+        argv += ["--no-prefix-caching"]
     return argv

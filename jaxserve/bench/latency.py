@@ -8,7 +8,8 @@ measured against (`measure_bandwidth`, `measure_matmul`), both measured in the s
 MBU: a decode step must read every weight except the embedding table (only a few rows of it are
 gathered; a tied table is read in full as the output projection), the routed experts a batch
 touches (expected count under uniform routing), and the KV cache of every sequence up to its
-current length. Bytes per step / step wall time / measured bandwidth. Only steps where every
+current length. Bytes per step / step wall time / measured bandwidth (of device 0, times the
+number of devices a tensor/expert-parallel model spans). Only steps where every
 sequence of the batch is decoding count; the wall time includes the host's share of a step
 (scheduling, sampling, the token transfer), as a user sees it.
 
@@ -29,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve.bench import add_common_args, build_engine, check_positive, random_prompt, report
+from jaxserve.bench import (
+    add_common_args,
+    build_engine,
+    check_positive,
+    num_model_devices,
+    random_prompt,
+    report,
+)
 
 if TYPE_CHECKING:
     from jaxserve.config import ModelConfig
@@ -305,9 +313,14 @@ def run_batch(llm: Any, prompts: list[list[int]], params: Any, tag: str) -> Batc
 
 # ---- figures ------------------------------------------------------------------------------------
 def figures(
-    traces: list[BatchTrace], cost: ModelCost, input_len: int, ceilings: dict[str, Any]
+    traces: list[BatchTrace],
+    cost: ModelCost,
+    input_len: int,
+    ceilings: dict[str, Any],
+    num_devices: int = 1,
 ) -> dict[str, Any]:
-    """Everything the latency mode reports, from the timed batches."""
+    """Everything the latency mode reports, from the timed batches. A model spread over
+    `num_devices` devices is held against that many times the ceilings of one."""
     ttft = [f for t in traces for f in t.first_token]
     decode_time = [
         last - first
@@ -328,8 +341,8 @@ def figures(
     prefill_flops = sum(len(t.first_token) * cost.prefill_flops(input_len) for t in traces)
     tokens = sum(sum(t.output_tokens) for t in traces)
     e2e_total = sum(t.e2e for t in traces)
-    bandwidth = ceilings["memory_bandwidth"]["bytes_per_s"]
-    peak_flops = ceilings["matmul"]["flop_per_s"]
+    bandwidth = ceilings["memory_bandwidth"]["bytes_per_s"] * num_devices
+    peak_flops = ceilings["matmul"]["flop_per_s"] * num_devices
     achieved_bw = report.ratio(step_bytes, step_seconds)
     decode_flop_s = report.ratio(step_flops, step_seconds)
     prefill_flop_s = report.ratio(prefill_flops, sum(batch_prefill))
@@ -413,7 +426,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_iters": args.warmup_iters,
             "temperature": args.temperature,
         },
-        "results": figures(traces, cost, args.input_len, ceilings),
+        "results": figures(traces, cost, args.input_len, ceilings, num_model_devices(args)),
         "compilations_while_timed": compiles.to_dict(),
     }
     print_summary(result)

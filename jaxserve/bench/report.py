@@ -166,7 +166,10 @@ def describe_engine(llm: Any) -> dict[str, Any]:
     """The engine configuration as resolved (pages sized from memory, backend picked)."""
     eng = llm.engine
     cfg = eng.cfg
+    mesh = eng.mesh
     return {
+        "mesh": None if mesh is None else dict(mesh.shape),
+        "enable_prefix_caching": cfg.enable_prefix_caching,
         "page_size": cfg.page_size,
         "num_pages": cfg.num_pages,
         "kv_capacity_tokens": eng.capacity_tokens,

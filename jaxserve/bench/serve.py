@@ -8,8 +8,8 @@ with a latency-vs-throughput plot, and a server process of its own when no --tar
 
 That server is this module run as a script (`python -m jaxserve.bench.serve --port N ...`): it
 builds the engine from the same model and engine options as the other modes (random weights
-included) and serves it with `serving.server.serve`. The client side never imports a device
-runtime, so the server keeps the accelerator to itself.
+included) and serves it with `serving.server.serve`. The client side never initialises a device
+(no JAX backend), so the server keeps the accelerator and its memory to itself.
 """
 
 from __future__ import annotations
@@ -538,7 +538,9 @@ def plot_sweep(result: dict[str, Any], path: str) -> bool:
         for stat, style in (("p50", "o-"), ("p99", "s--")):
             ax.plot(x, [r["results"][key][stat] for r in runs], style, label=stat)
         for xi, r in zip(x, runs, strict=True):
-            ax.annotate(f"{r['request_rate']}/s", (xi, r["results"][key]["p50"] or 0.0), fontsize=8)
+            rate = r["request_rate"]
+            label = f"{rate}/s" if isinstance(rate, str) else f"{rate:g}/s"
+            ax.annotate(label, (xi, r["results"][key]["p50"] or 0.0), fontsize=8)
         ax.set_xlabel("output throughput (tok/s)")
         ax.set_ylabel(f"{title} (ms)")
         ax.grid(True, alpha=0.3)

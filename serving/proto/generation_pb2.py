@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserving/proto/generation.proto\x12\x0bjaxserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"\xba\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\t\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ndetokenize\x18\x13 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenize\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.jaxserve.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParamsB\x08\n\x06promptJ\x04\x08\x06\x10\n\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"n\n\x10PositionLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprobB\n\n\x08_logprob\"\xe0\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.jaxserve.v1.PositionLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reasonJ\x04\x08\x08\x10\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"N\n\x07Timings\x12\x12\n\nqueue_time\x18\x01 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x02 \x01(\x01\x12\x12\n\ntotal_time\x18\x03 \x01(\x01\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x13.jaxserve.v1.Choice\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.jaxserve.v1.Timings\x12\x36\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1d.jaxserve.v1.PositionLogprobs\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08J\x04\x08\x07\x10\n\"\x8d\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.jaxserve.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x96\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0c\n\x04mesh\x18\t \x01(\t\x12\x16\n\x0ekv_used_tokens\x18\n \x01(\x03\x12\x10\n\x08kv_usage\x18\x0b \x01(\x01\x12\x13\n\x0bnum_running\x18\x0c \x01(\x05\x12\x13\n\x0bnum_waiting\x18\r \x01(\x05J\x04\x08\x0e\x10\x14*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserving/proto/generation.proto\x12\x0bjaxserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"\xbd\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\t\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x12 \x01(\x08H\x0c\x88\x01\x01\x12\x17\n\ndetokenize\x18\x13 \x01(\x08H\r\x88\x01\x01\x12\x17\n\x0fuse_beam_search\x18\x14 \x01(\x08\x12\x14\n\x07\x62\x65st_of\x18\x15 \x01(\x05H\x0e\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x16 \x01(\x01H\x0f\x88\x01\x01\x12\x16\n\x0e\x65\x61rly_stopping\x18\x17 \x01(\x08\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_detokenizeB\n\n\x08_best_ofB\x11\n\x0f_length_penalty\"\xcb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.jaxserve.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParamsB\x08\n\x06promptJ\x04\x08\x06\x10\n\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"n\n\x10PositionLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprobB\n\n\x08_logprob\"\xe0\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.jaxserve.v1.PositionLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reasonJ\x04\x08\x08\x10\x0c\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"N\n\x07Timings\x12\x12\n\nqueue_time\x18\x01 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x02 \x01(\x01\x12\x12\n\ntotal_time\x18\x03 \x01(\x01\"\xe6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x13.jaxserve.v1.Choice\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.jaxserve.v1.Timings\x12\x36\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1d.jaxserve.v1.PositionLogprobs\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08J\x04\x08\x07\x10\n\"\x8d\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.jaxserve.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x96\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0c\n\x04mesh\x18\t \x01(\t\x12\x16\n\x0ekv_used_tokens\x18\n \x01(\x03\x12\x10\n\x08kv_usage\x18\x0b \x01(\x01\x12\x13\n\x0bnum_running\x18\x0c \x01(\x05\x12\x13\n\x0bnum_waiting\x18\r \x01(\x05J\x04\x08\x0e\x10\x14*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x82\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serving.proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2491
-  _globals['_FINISHREASON']._serialized_end=2611
+  _globals['_FINISHREASON']._serialized_start=2622
+  _globals['_FINISHREASON']._serialized_end=2742
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_CHATMESSAGE']._serialized_start=72
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=118
   _globals['_CHATMESSAGES']._serialized_end=176
   _globals['_SAMPLINGPARAMS']._serialized_start=179
-  _globals['_SAMPLINGPARAMS']._serialized_end=877
-  _globals['_GENERATEREQUEST']._serialized_start=880
-  _globals['_GENERATEREQUEST']._serialized_end=1083
-  _globals['_TOKENLOGPROB']._serialized_start=1085
-  _globals['_TOKENLOGPROB']._serialized_end=1134
-  _globals['_POSITIONLOGPROBS']._serialized_start=1136
-  _globals['_POSITIONLOGPROBS']._serialized_end=1246
-  _globals['_CHOICE']._serialized_start=1249
-  _globals['_CHOICE']._serialized_end=1473
-  _globals['_USAGE']._serialized_start=1475
-  _globals['_USAGE']._serialized_end=1555
-  _globals['_TIMINGS']._serialized_start=1557
-  _globals['_TIMINGS']._serialized_end=1635
-  _globals['_GENERATERESPONSE']._serialized_start=1638
-  _globals['_GENERATERESPONSE']._serialized_end=1868
-  _globals['_TOKENIZEREQUEST']._serialized_start=1871
-  _globals['_TOKENIZEREQUEST']._serialized_end=2012
-  _globals['_TOKENIZERESPONSE']._serialized_start=2014
-  _globals['_TOKENIZERESPONSE']._serialized_end=2051
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2053
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2149
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2151
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2185
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2187
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2208
-  _globals['_MODELINFO']._serialized_start=2211
-  _globals['_MODELINFO']._serialized_end=2489
-  _globals['_GENERATION']._serialized_start=2614
-  _globals['_GENERATION']._serialized_end=3000
+  _globals['_SAMPLINGPARAMS']._serialized_end=1008
+  _globals['_GENERATEREQUEST']._serialized_start=1011
+  _globals['_GENERATEREQUEST']._serialized_end=1214
+  _globals['_TOKENLOGPROB']._serialized_start=1216
+  _globals['_TOKENLOGPROB']._serialized_end=1265
+  _globals['_POSITIONLOGPROBS']._serialized_start=1267
+  _globals['_POSITIONLOGPROBS']._serialized_end=1377
+  _globals['_CHOICE']._serialized_start=1380
+  _globals['_CHOICE']._serialized_end=1604
+  _globals['_USAGE']._serialized_start=1606
+  _globals['_USAGE']._serialized_end=1686
+  _globals['_TIMINGS']._serialized_start=1688
+  _globals['_TIMINGS']._serialized_end=1766
+  _globals['_GENERATERESPONSE']._serialized_start=1769
+  _globals['_GENERATERESPONSE']._serialized_end=1999
+  _globals['_TOKENIZEREQUEST']._serialized_start=2002
+  _globals['_TOKENIZEREQUEST']._serialized_end=2143
+  _globals['_TOKENIZERESPONSE']._serialized_start=2145
+  _globals['_TOKENIZERESPONSE']._serialized_end=2182
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2184
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2280
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2282
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2316
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2318
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2339
+  _globals['_MODELINFO']._serialized_start=2342
+  _globals['_MODELINFO']._serialized_end=2620
+  _globals['_GENERATION']._serialized_start=2745
+  _globals['_GENERATION']._serialized_end=3131
 # @@protoc_insertion_point(module_scope)
