@@ -116,29 +116,55 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
 
 
-def _forward(graphdef, state, kv, tokens, positions, meta):
-    model: CausalLM = nnx.merge(graphdef, state)
+class ModelDef:
+    """The static half of a split model (its GraphDef and the treedef of its parameter state),
+    passed to the jitted steps as a static argument. jit hashes static arguments on every call, and
+    hashing a GraphDef walks the whole module tree (milliseconds for a 32-layer model), so the hash
+    is computed once here; equal definitions still share compiled steps."""
+
+    __slots__ = ("graphdef", "state_def", "_hash")
+
+    def __init__(self, graphdef, state_def):
+        self.graphdef, self.state_def = graphdef, state_def
+        self._hash = hash((graphdef, state_def))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, ModelDef)
+            and self._hash == other._hash
+            and (self.graphdef, self.state_def) == (other.graphdef, other.state_def)
+        )
+
+    def model(self, params: list[jax.Array]) -> CausalLM:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, params))
+
+
+def _forward(mdef: ModelDef, params, kv, tokens, positions, meta):
+    model = mdef.model(params)
     h, kv = model(tokens, positions, kv, meta)
     return model, h, sharding.constrain_kv(kv)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode_step(graphdef, state, kv, tokens, positions, meta):
-    model, h, kv = _forward(graphdef, state, kv, tokens, positions, meta)
+def _decode_step(mdef, params, kv, tokens, positions, meta):
+    model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
     return model.logits(h), kv
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step(graphdef, state, kv, tokens, positions, meta, last_idx):
-    model, h, kv = _forward(graphdef, state, kv, tokens, positions, meta)
+def _prefill_step(mdef, params, kv, tokens, positions, meta, last_idx):
+    model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
     return model.logits(h[last_idx]), kv
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step_with_prompt_logprobs(graphdef, state, kv, tokens, positions, meta, last_idx, targets):
+def _prefill_step_with_prompt_logprobs(mdef, params, kv, tokens, positions, meta, last_idx, targets):
     """Like `_prefill_step`, plus the logprob of `targets[t]` (the next prompt token) at every
     position and the top-k there — computed on device so [T, vocab] never leaves it."""
-    model, h, kv = _forward(graphdef, state, kv, tokens, positions, meta)
+    model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
     lp = jax.nn.log_softmax(model.logits(h), axis=-1)
     target_lp = jnp.take_along_axis(lp, targets[:, None], 1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(lp, 20)
@@ -174,6 +200,10 @@ class Engine:
             pure = nnx.to_pure_dict(self.state)
             shardings = sharding.param_shardings(self.model_config, self.dtype, mesh)
             nnx.replace_by_pure_dict(self.state, jax.device_put(pure, shardings))
+        # The parameters travel to the steps as a flat list: flattening an nnx.State per call
+        # costs more than the list.
+        self._mdef = ModelDef(self.graphdef, jax.tree.structure(self.state))
+        self._params = jax.tree.leaves(self.state)
         self._channel = multihost.StepChannel() if jax.process_count() > 1 else None
         self._logits: dict[int, jax.Array] = {}  # the last decode / prefill step's, to sample
         self.kv_dtype = kv_dtype or self.dtype
@@ -442,7 +472,7 @@ class Engine:
                 return self._readable(sample(self._logits[flags[0]], arrays[0], batch, **static))
             tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
             meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
-            args = (self.graphdef, self.state, self.kv, tokens, positions, meta, *rest)
+            args = (self._mdef, self._params, self.kv, tokens, positions, meta, *rest)
             if op == _OP_DECODE:
                 self._logits[_OP_DECODE], self.kv = _decode_step(*args)
                 return None
