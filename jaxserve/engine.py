@@ -13,6 +13,7 @@ the set of compilations is small and known; `warmup()` compiles all of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -405,7 +406,7 @@ class Engine:
                 sids.append(sid)
         if not sids:
             return {}
-        r = pick(self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,), len(sids))
+        r = pick(self._sample_buckets, len(sids))
         row_specs = [specs[s] for s in sids]
         batch, flags = SamplingBatch.build(row_specs, r)
         src_arr = np.zeros(r, np.int32)
@@ -532,10 +533,24 @@ class Engine:
                     sizes = [min(p * ps, n - k) for k in range(0, n, p * ps)]
                     rows = [_dummy_row(i, [0] * m, table) for i, m in enumerate(sizes)]
                     self._run_prefill(rows, {})
-                    self._sample(_OP_PREFILL, rows, {i: RowSpec(0.0) for i in range(len(rows))})
+                    self._warm_prefill_sampler()
                 prev = t
         jax.block_until_ready(self.kv)
         return time.perf_counter() - t0
+
+
+    def _warm_prefill_sampler(self) -> None:
+        """A prefill step samples anywhere from 1 to max_prefill_seqs rows (more with n > 1
+        forks, which compile on first use): compile the greedy sampler for each of those sizes."""
+        top = pick(self._sample_buckets, self.cfg.max_prefill_seqs)
+        for r in (b for b in self._sample_buckets if b <= top):
+            row = _dummy_row(0, [0], [0])
+            row = dataclasses.replace(row, sample_seq_ids=list(range(r)))
+            self._sample(_OP_PREFILL, [row], {i: RowSpec(0.0) for i in range(r)})
+
+    @property
+    def _sample_buckets(self) -> tuple[int, ...]:
+        return self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,)
 
 
 def _dummy_row(i: int, tokens: list[int], table: list[int]) -> ScheduledSeq:

@@ -197,10 +197,13 @@ def test_invalid_requests_name_the_field(tiny_model):
 
 
 def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
+    from jaxserve import sampling
+
     model = tiny_model()
     llm = make_llm(model, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32)
     llm.engine.warmup()
-    sizes = (engine_mod._decode_step._cache_size(), engine_mod._prefill_step._cache_size())
-    prompts = random_prompts(model.cfg.vocab_size, [3, 9, 14, 5, 11], seed=9)
+    jitted = (engine_mod._decode_step, engine_mod._prefill_step, sampling.sample)
+    sizes = [f._cache_size() for f in jitted]
+    prompts = random_prompts(model.cfg.vocab_size, [3, 9, 14, 5, 11, 2, 7], seed=9)
     llm.generate(prompts, ids_params(temperature=0.0, max_tokens=12))
-    assert (engine_mod._decode_step._cache_size(), engine_mod._prefill_step._cache_size()) == sizes
+    assert [f._cache_size() for f in jitted] == sizes
