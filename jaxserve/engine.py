@@ -208,7 +208,7 @@ class Engine:
         self._channel = multihost.StepChannel() if jax.process_count() > 1 else None
         self._logits: dict[int, jax.Array] = {}  # the last decode / prefill step's, to sample
         self.kv_dtype = kv_dtype or self.dtype
-        self.backend = resolve_backend(cfg.attention_backend)
+        self.backend, self.prefill_backend = resolve_backend(cfg.attention_backend)
         max_pages_per_seq = math.ceil(cfg.max_model_len / cfg.page_size)
         # Every process must build the same cache; the tightest memory sizes it.
         num_pages = cfg.num_pages or multihost.agree_min(self._pages_from_memory(cfg))
@@ -216,11 +216,7 @@ class Engine:
             raise ValueError(f"num_pages: need at least 2 (page 0 is reserved), got {num_pages}")
         enable_compilation_cache(cfg.compilation_cache_dir)
         factor = 4 if jax.devices()[0].platform == "cpu" else 2
-        page_buckets = cfg.page_buckets or (
-            geometric_upto(max_pages_per_seq, 4, factor)
-            if self.backend == "reference"
-            else (max_pages_per_seq,)
-        )
+        page_buckets = cfg.page_buckets or geometric_upto(max_pages_per_seq, 4, factor)
         self.cfg = cfg = EngineConfig(
             **{
                 **cfg.__dict__,
@@ -289,9 +285,19 @@ class Engine:
         return self.cfg.num_pages * self._bytes_per_page(self.cfg.page_size)
 
     # ---- step inputs --------------------------------------------------------------------------
-    def _tables(self, rows: list[ScheduledSeq], num_rows: int) -> tuple[np.ndarray, int]:
+    def page_buckets(self, is_decode: bool) -> tuple[int, ...]:
+        """Block-table widths compiled for a step kind. A kernel backend reads only the pages a
+        sequence has, so one width (the longest) serves all; the reference path gathers the
+        whole table, so it gets geometric widths."""
+        if (self.backend if is_decode else self.prefill_backend) == "reference":
+            return self.cfg.page_buckets
+        return (math.ceil(self.cfg.max_model_len / self.cfg.page_size),)
+
+    def _tables(
+        self, rows: list[ScheduledSeq], num_rows: int, is_decode: bool
+    ) -> tuple[np.ndarray, int]:
         need = max((len(r.block_table) for r in rows), default=1)
-        p = pick(self.cfg.page_buckets, max(need, 1))
+        p = pick(self.page_buckets(is_decode), max(need, 1))
         tables = np.zeros((num_rows, p), np.int32)
         for i, r in enumerate(rows):
             tables[i, : len(r.block_table)] = r.block_table
@@ -311,7 +317,7 @@ class Engine:
             seq_lens=jnp.asarray(seq_lens),
             cu_q_lens=jnp.asarray(cu),
             is_decode=is_decode,
-            backend=self.backend,
+            backend=self.backend if is_decode else self.prefill_backend,
         )
 
     def _run_decode(self, rows: list[ScheduledSeq]) -> jax.Array:
@@ -325,7 +331,7 @@ class Engine:
             positions[i] = r.start_pos
             slots[i] = self._slots(r)[0]
             seq_lens[i] = r.start_pos + 1
-        tables, _ = self._tables(rows, b)
+        tables, _ = self._tables(rows, b, True)
         cu = np.arange(b + 1, dtype=np.int32)
         self._device(_OP_DECODE, (tokens, positions, slots, tables, seq_lens, cu))
 
@@ -356,7 +362,7 @@ class Engine:
             cu[i + 1] = off
             last_idx[i] = off - 1
         cu[len(rows) + 1 :] = off
-        tables, _ = self._tables(rows, s)
+        tables, _ = self._tables(rows, s, False)
         arrays = (tokens, positions, slots, tables, seq_lens, cu, last_idx)
         if prompt_targets:
             return self._device(_OP_PREFILL_LOGPROBS, (*arrays, targets))
@@ -518,12 +524,13 @@ class Engine:
         Returns the seconds it took."""
         t0 = time.perf_counter()
         ps, s_rows = self.cfg.page_size, self.cfg.max_prefill_seqs
-        for p in self.cfg.page_buckets:
-            table = [0] * p
+        for p in self.page_buckets(is_decode=True):
             for b in self.cfg.decode_buckets:
-                rows = [_dummy_row(i, [0], table) for i in range(b)]
+                rows = [_dummy_row(i, [0], [0] * p) for i in range(b)]
                 self._run_decode(rows)
                 self._sample(_OP_DECODE, rows, {i: RowSpec(0.0) for i in range(b)})
+        for p in self.page_buckets(is_decode=False):
+            table = [0] * p
             prev = 0
             for t in self.cfg.prefill_buckets:
                 # A prefill of t tokens over rows of at most p pages exists only if some token

@@ -164,6 +164,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "seed": None,
         "kv_memory_fraction": 0.5,
         "attention_backend": None,
+        "enable_prefix_caching": None,
         "tensor_parallel_size": None,
         "expert_parallel_size": None,
     }
