@@ -333,3 +333,26 @@ def test_serve_mode_against_its_own_server(tmp_path, capsys):
         assert d["plot"] is None and "matplotlib is not installed" in capsys.readouterr().err
     else:
         assert d["plot"] == str(plot) and plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_throughput_shared_prefix_hits_the_prefix_cache(tmp_path, caching):
+    flags = () if caching else ("--no-prefix-caching",)
+    d = run_cli(
+        tmp_path,
+        "throughput",
+        *("--num-requests", "6", "--input-len", "4", "--output-len", "3"),
+        *("--shared-prefix-len", "16", "--num-pages", "64", "--max-num-seqs", "2"),
+        *flags,
+    )
+    r = d["results"]
+    assert d["workload"]["shared_prefix_len"] == 16
+    assert r["total_input_tokens"] == 6 * (16 + 4)
+    if caching:
+        # Requests admitted after the first step reuse the prefix's full pages.
+        assert r["prefix_cache_hits_total"] > 0
+        assert r["prefix_cache_hit_rate"] == pytest.approx(
+            r["prefix_cache_hits_total"] / r["prefix_cache_queries_total"]
+        )
+    else:
+        assert r.get("prefix_cache_hits_total", 0) == 0

@@ -13,8 +13,8 @@ bench() {  # name, then the bench arguments
     | grep -v "absl" | tail -25
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-"$py" -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_sampling.py \
-  tests/test_attention_kernels.py 2>&1 | tail -15 | tee "$out/tests.log"
+"$py" -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_engine_gpu.py \
+  tests/test_engine.py tests/test_sampling.py 2>&1 | tail -25 | tee "$out/tests.log"
 bench latency_llama-3.2-1b_b1 latency --random-weights llama-3.2-1b --batch-size 1 --input-len 128 --output-len 256
 bench latency_llama-3-8b_b1 latency --random-weights llama-3-8b --batch-size 1 --input-len 128 --output-len 256
 bench latency_llama-3-8b_b8 latency --random-weights llama-3-8b --batch-size 8 --input-len 128 --output-len 256

@@ -128,6 +128,13 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", type=int, default=128, help="output tokens (fixed)")
     g.add_argument("--input-len-range", type=parse_range, default=None, metavar="A:B")
     g.add_argument("--output-len-range", type=parse_range, default=None, metavar="A:B")
+    g.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="the same N random tokens before every prompt (a shared system prompt): shows "
+        "prefix caching; compare with --no-prefix-caching",
+    )
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -167,7 +174,7 @@ def workload_model_len(args: argparse.Namespace) -> int:
         return 0
     i = args.input_len_range[1] if args.input_len_range else args.input_len
     o = args.output_len_range[1] if args.output_len_range else args.output_len
-    return i + o
+    return getattr(args, "shared_prefix_len", 0) + i + o
 
 
 def sample_workload(

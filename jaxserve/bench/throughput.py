@@ -93,10 +93,10 @@ def run_all(
     return trace
 
 
-def figures(trace: RunTrace, workload: Workload) -> dict[str, Any]:
+def figures(trace: RunTrace, workload: Workload, shared_prefix_len: int = 0) -> dict[str, Any]:
     n = len(workload)
     out_tokens = sum(trace.output_tokens)
-    in_tokens = sum(workload.input_lens)
+    in_tokens = sum(workload.input_lens) + n * shared_prefix_len
     ttft = [f for f in trace.first_token if f is not None]
     tpot = [
         (last - first) / (k - 1)
@@ -136,7 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     workload = sample_workload(args, args.num_requests, rng, llm.max_model_len)
     vocab = llm.model_config.vocab_size
-    prompts = [random_prompt(rng, n, vocab) for n in workload.input_lens]
+    if args.shared_prefix_len < 0:
+        raise ValueError(f"shared_prefix_len: must be >= 0, got {args.shared_prefix_len}")
+    prefix = random_prompt(rng, args.shared_prefix_len, vocab)
+    prompts = [prefix + random_prompt(rng, n, vocab) for n in workload.input_lens]
     with report.CompileCounter() as compiles:
         trace = run_all(llm, prompts, workload.output_lens, args.temperature)
     result = {
@@ -148,12 +151,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "params": workload.params,
             "num_requests": len(workload),
             "temperature": args.temperature,
+            "shared_prefix_len": args.shared_prefix_len,
         },
-        "results": figures(trace, workload),
+        "results": {
+            **figures(trace, workload, args.shared_prefix_len),
+            **prefix_cache_figures(llm),
+        },
         "compilations_while_timed": compiles.to_dict(),
     }
     print_summary(result)
     return result
+
+
+def prefix_cache_figures(llm) -> dict[str, Any]:
+    """Prefix-cache queries and hits (tokens) over the run, as the engine counts them."""
+    stats = llm.stats()
+    keys = ("prefix_cache_hit_rate", "prefix_cache_queries_total", "prefix_cache_hits_total")
+    return {k: stats[k] for k in keys if k in stats}
 
 
 def print_summary(result: dict[str, Any]) -> None:
