@@ -16,8 +16,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run",
         help="generate offline on this machine (no server); the default model when none is given",
     )
-    p.add_argument("prompt", nargs="*", help="prompts (chat messages from the user); default: a demo")
-    p.add_argument("--model", default=None, help="converted dir, HF dir or .gguf (default: SmolLM2)")
+    p.add_argument(
+        "prompt", nargs="*", help="prompts (chat messages from the user); default: a demo"
+    )
+    p.add_argument(
+        "--model", default=None, help="converted dir, HF dir or .gguf (default: SmolLM2)"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

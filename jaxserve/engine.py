@@ -104,7 +104,9 @@ class EngineConfig:
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
             )
         if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
+            raise ValueError(
+                f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}"
+            )
 
 
 @dataclass
@@ -162,7 +164,9 @@ def _prefill_step(mdef, params, kv, tokens, positions, meta, last_idx):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step_with_prompt_logprobs(mdef, params, kv, tokens, positions, meta, last_idx, targets):
+def _prefill_step_with_prompt_logprobs(
+    mdef, params, kv, tokens, positions, meta, last_idx, targets
+):
     """Like `_prefill_step`, plus the logprob of `targets[t]` (the next prompt token) at every
     position and the top-k there — computed on device so [T, vocab] never leaves it."""
     model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
@@ -227,7 +231,12 @@ class Engine:
                 "page_buckets": page_buckets,
             }
         )
-        shape = (self.model_config.num_kv_heads, num_pages, cfg.page_size, self.model_config.head_dim)
+        shape = (
+            self.model_config.num_kv_heads,
+            num_pages,
+            cfg.page_size,
+            self.model_config.head_dim,
+        )
         kv_device = None if mesh is None else sharding.kv_sharding(self.model_config, mesh)
         self.kv: KVCache = [
             (
@@ -247,12 +256,21 @@ class Engine:
         )
         log.info("mesh: %s", self.mesh_summary())
         if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
-            log.warning("not divisible by the tensor axis, so on every device: %s", ", ".join(whole))
+            log.warning(
+                "not divisible by the tensor axis, so on every device: %s", ", ".join(whole)
+            )
 
     # ---- sizing -------------------------------------------------------------------------------
     def _bytes_per_page(self, page_size: int) -> int:
         m = self.model_config
-        return 2 * m.num_layers * m.num_kv_heads * page_size * m.head_dim * jnp.dtype(self.kv_dtype).itemsize
+        return (
+            2
+            * m.num_layers
+            * m.num_kv_heads
+            * page_size
+            * m.head_dim
+            * jnp.dtype(self.kv_dtype).itemsize
+        )
 
     def _pages_from_memory(self, cfg: EngineConfig) -> int:
         page_bytes = self._bytes_per_page(cfg.page_size)
@@ -306,9 +324,9 @@ class Engine:
     def _slots(self, row: ScheduledSeq) -> np.ndarray:
         pos = np.arange(row.start_pos, row.start_pos + len(row.token_ids))
         table = np.asarray(row.block_table, np.int64)
-        return (table[pos // self.cfg.page_size] * self.cfg.page_size + pos % self.cfg.page_size).astype(
-            np.int32
-        )
+        return (
+            table[pos // self.cfg.page_size] * self.cfg.page_size + pos % self.cfg.page_size
+        ).astype(np.int32)
 
     def _meta(self, slots, tables, seq_lens, cu, is_decode: bool) -> AttentionMetadata:
         return AttentionMetadata(
@@ -445,7 +463,9 @@ class Engine:
                     if j >= len(tgt) or tgt[j] < 0:
                         continue
                     d = {int(tgt[j]): float(out["target_lp"][off + j])}
-                    for t_id, t_lp in zip(out["top_ids"][off + j], out["top_lp"][off + j], strict=True):
+                    for t_id, t_lp in zip(
+                        out["top_ids"][off + j], out["top_lp"][off + j], strict=True
+                    ):
                         d.setdefault(int(t_id), float(t_lp))
                     entries.append((pos, d))
                 result.prompt_logprobs.setdefault(r.request_id, []).extend(entries)
@@ -544,7 +564,6 @@ class Engine:
                 prev = t
         jax.block_until_ready(self.kv)
         return time.perf_counter() - t0
-
 
     def _warm_prefill_sampler(self) -> None:
         """A prefill step samples anywhere from 1 to max_prefill_seqs rows (more with n > 1

@@ -86,9 +86,7 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(
-                    f"sampling_params: {len(params)} given for {len(prompts)} prompts"
-                )
+                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
         ids = []
         for prompt, p in zip(prompts, params, strict=True):
             rid = f"offline-{next(self._ids)}"

@@ -197,7 +197,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+            raise ValueError(
+                f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})"
+            )
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - len(ids)
@@ -430,7 +432,10 @@ class LLMEngine:
                 continue
             lps = None
             if req.params.logprobs is not None:
-                lps = [_top(d, s_id, req.params.logprobs) for d, s_id in zip(s.new_logprobs, s.new_ids, strict=False)]
+                lps = [
+                    _top(d, s_id, req.params.logprobs)
+                    for d, s_id in zip(s.new_logprobs, s.new_ids, strict=False)
+                ]
             comps.append(
                 CompletionOutput(
                     index=s.index,
@@ -448,8 +453,10 @@ class LLMEngine:
         if finished:
             req.metrics.finished_time = time.time()
         prompt_lps = None
-        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent and (
-            finished or any(s.token_ids for s in req.samples)
+        if (
+            req.prompt_logprobs is not None
+            and not req.prompt_logprobs_sent
+            and (finished or any(s.token_ids for s in req.samples))
         ):
             k = req.params.prompt_logprobs
             prompt_lps = [None] + [

@@ -76,11 +76,15 @@ class SamplingBatch:
         f = lambda name, dt: np.array(
             [getattr(x, name) for x in rows] + [getattr(RowSpec(), name)] * (r - len(rows)), dt
         )
-        hist_len = max(
-            (len(x.prompt_ids) * (x.repetition_penalty != 1.0) + len(x.output_ids))
-            for x in rows
-            if x.uses_penalties
-        ) if any(x.uses_penalties for x in rows) else 0
+        hist_len = (
+            max(
+                (len(x.prompt_ids) * (x.repetition_penalty != 1.0) + len(x.output_ids))
+                for x in rows
+                if x.uses_penalties
+            )
+            if any(x.uses_penalties for x in rows)
+            else 0
+        )
         h = _bucket(hist_len, 0) if hist_len else 0
         hist = np.full((r, h), -1, np.int32)
         is_out = np.zeros((r, h), bool)
@@ -126,8 +130,10 @@ def apply_penalties(logits: jax.Array, b: SamplingBatch) -> jax.Array:
         ids = jnp.where(valid, b.hist_ids, 0)
         rows = jnp.arange(r)[:, None]
         seen = jnp.zeros((r, v), bool).at[rows, ids].max(valid)
-        counts = jnp.zeros((r, v), jnp.float32).at[rows, ids].add(
-            (valid & b.hist_is_output).astype(jnp.float32)
+        counts = (
+            jnp.zeros((r, v), jnp.float32)
+            .at[rows, ids]
+            .add((valid & b.hist_is_output).astype(jnp.float32))
         )
         rep = b.repetition_penalty[:, None]
         logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
@@ -193,7 +199,10 @@ def sample(
         drawn = jax.vmap(draw)(b.seed, b.step, filtered)
         tok = jnp.where(b.temperature > 0, drawn, greedy_tok)
     lp = jax.nn.log_softmax(raw, axis=-1)
-    out = {"tokens": tok.astype(jnp.int32), "logprob": jnp.take_along_axis(lp, tok[:, None], 1)[:, 0]}
+    out = {
+        "tokens": tok.astype(jnp.int32),
+        "logprob": jnp.take_along_axis(lp, tok[:, None], 1)[:, 0],
+    }
     if need_logprobs:
         top_lp, top_ids = jax.lax.top_k(lp, NUM_TOP_LOGPROBS)
         out |= {"top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}

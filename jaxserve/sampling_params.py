@@ -84,7 +84,10 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", f"must be 0 (disabled), -1 (disabled) or a positive integer, got {self.top_k!r}")
+            bad(
+                "top_k",
+                f"must be 0 (disabled), -1 (disabled) or a positive integer, got {self.top_k!r}",
+            )
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if not 0.0 < self.repetition_penalty <= 2.0:
@@ -115,7 +118,10 @@ class SamplingParams:
         if self.stop and not self.detokenize:
             bad("stop", "stop strings need detokenize=True")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            bad(
+                "stop_token_ids",
+                f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}",
+            )
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
                 bad("stop_token_ids", f"ids must be non-negative integers, got {t!r}")

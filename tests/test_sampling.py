@@ -11,7 +11,9 @@ from jaxserve.sampling_params import SamplingParams
 
 def run(logits: np.ndarray, rows: list[RowSpec]) -> dict[str, np.ndarray]:
     batch, flags = SamplingBatch.build(rows, len(rows))
-    out = sample(np.asarray(logits, np.float32), np.arange(len(rows), dtype=np.int32), batch, **flags)
+    out = sample(
+        np.asarray(logits, np.float32), np.arange(len(rows), dtype=np.int32), batch, **flags
+    )
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -48,7 +50,8 @@ def test_greedy_is_argmax_and_logprob_is_log_softmax():
 
 
 @pytest.mark.parametrize(
-    "top_k,top_p,min_p,temp", [(5, 1.0, 0.0, 1.0), (0, 0.6, 0.0, 0.7), (0, 1.0, 0.2, 1.3), (8, 0.8, 0.05, 0.5)]
+    "top_k,top_p,min_p,temp",
+    [(5, 1.0, 0.0, 1.0), (0, 0.6, 0.0, 0.7), (0, 1.0, 0.2, 1.3), (8, 0.8, 0.05, 0.5)],
 )
 def test_draws_stay_inside_the_filtered_set_and_cover_it(top_k, top_p, min_p, temp):
     rng = np.random.default_rng(1)
@@ -78,7 +81,9 @@ def test_seed_and_step_determine_the_draw_whatever_the_batch():
     alone = run(logits[:1], [spec])["tokens"][0]
     others = [RowSpec(temperature=1.0, seed=s, step=0) for s in range(4)]
     assert run(logits, [spec, *others])["tokens"][0] == alone
-    assert run(logits[[0, 1]], [others[0], spec])["tokens"][1] == run(logits[[1]], [spec])["tokens"][0]
+    assert (
+        run(logits[[0, 1]], [others[0], spec])["tokens"][1] == run(logits[[1]], [spec])["tokens"][0]
+    )
 
 
 def test_penalties_and_banned_ids_match_numpy():
