@@ -128,7 +128,9 @@ def _default_engine_factory(options: argparse.Namespace) -> Engine:
 def run_serve(args: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:
     from serving.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     factory = engine_factory if engine_factory is not None else _default_engine_factory
     if args.coordinator_address is not None:
         from jaxserve import multihost

@@ -22,26 +22,9 @@ from serving.proto import generation_pb2_grpc
 
 Message = Mapping[str, str] | tuple[str, str]
 
+# Every non-repeated field of the wire SamplingParams (the repeated ones are handled by name).
 _SCALAR_SAMPLING = frozenset(
-    {
-        "n",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "include_stop_str_in_output",
-        "ignore_eos",
-        "max_tokens",
-        "min_tokens",
-        "logprobs",
-        "prompt_logprobs",
-        "skip_special_tokens",
-        "detokenize",
-    }
+    f.name for f in pb.SamplingParams.DESCRIPTOR.fields if not f.is_repeated
 )
 
 

@@ -76,6 +76,16 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "jaxserve_generation_tokens", "Tokens generated.", registry=r
         )
+        self.prefix_cache_queries = Counter(
+            "jaxserve_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "jaxserve_prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (hit rate = hits / queries).",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "jaxserve_time_to_first_token_seconds",
             "From request arrival to its first generated token.",
@@ -119,7 +129,11 @@ class ServerMetrics:
                 ("num_preemptions", self.preemptions),
                 ("prompt_tokens_total", self.prompt_tokens),
                 ("generation_tokens_total", self.generation_tokens),
+                ("prefix_cache_queries_total", self.prefix_cache_queries),
+                ("prefix_cache_hits_total", self.prefix_cache_hits),
             ):
+                if key not in stats:  # an engine without a prefix cache
+                    continue
                 value = int(stats[key])
                 # A total that went down means the engine was rebuilt: count from its new origin.
                 increment = value - self._totals.get(key, 0)

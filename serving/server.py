@@ -141,6 +141,8 @@ def _merge_choice(choice: pb.Choice, delta: CompletionOutput, params: SamplingPa
         choice.stop_string = delta.stop_reason
     elif isinstance(delta.stop_reason, int):
         choice.stop_token_id = delta.stop_reason
+    if delta.cumulative_logprob is not None:
+        choice.cumulative_logprob = delta.cumulative_logprob
 
 
 def _request_outcome(reasons: Sequence[str]) -> str:

@@ -104,3 +104,19 @@ def test_concurrent_clients_and_cancellation_leave_nothing_behind(live):
             client.complete("x", max_tokens=500)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_tokens" in err.value.details()
+
+
+def test_beam_search_over_grpc_equals_offline(live):
+    server, path = live
+    params = SamplingParams(use_beam_search=True, best_of=3, n=2, temperature=0.0, max_tokens=6)
+    expected = LLM.from_engine(small_engine(path)).generate([PROMPTS[0]], params, use_tqdm=False)
+    with Client(server.target, timeout=60) as client:
+        unary = client.complete(
+            PROMPTS[0], use_beam_search=True, best_of=3, n=2, temperature=0.0, max_tokens=6
+        )
+    got = sorted(unary.choices, key=lambda c: c.index)
+    want = expected[0].outputs
+    assert [list(c.token_ids) for c in got] == [c.token_ids for c in want]
+    for c, w in zip(got, want, strict=True):
+        assert c.HasField("cumulative_logprob")
+        assert abs(c.cumulative_logprob - w.cumulative_logprob) < 1e-5

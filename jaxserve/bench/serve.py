@@ -603,7 +603,9 @@ def server_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--min-model-len", type=int, default=0, help="context the workload needs")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        force=True, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     from serving.server import serve
 
     llm = build_engine(args, min_model_len=args.min_model_len)
