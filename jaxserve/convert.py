@@ -22,8 +22,8 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from jaxserve.checkpoint import (
     write_meta,
 )
 from jaxserve.config import ModelConfig, UnsupportedModelError
+from jaxserve.gguf import gguf_source
+from jaxserve.tensor_source import TensorSource
 from models import abstract_model, weight_map
 
 NP_DTYPES: dict[str, np.dtype] = {
@@ -71,23 +73,6 @@ TOKENIZER_FILES = (
 # config.json keys that `cfg.to_hf_dict()` restates in another form, dropped so the written
 # config has a single source of truth for each setting.
 STALE_CONFIG_KEYS = ("rope_parameters", "torch_dtype", "dtype", "num_local_experts", "num_experts")
-
-
-@dataclass
-class TensorSource:
-    """A checkpoint seen as Hugging Face tensors: names and shapes up front, data on demand.
-
-    `reader()` yields (name, array) one at a time in file order; each array is only valid until
-    the next is requested (it may be a view of a memory map or of a shared dequantized block).
-    `write_tokenizer(out)` writes the checkpoint's tokenizer files (if any) into `out`.
-    """
-
-    path: Path
-    format: str  # "safetensors" | "gguf"
-    hf_config: dict[str, Any]
-    shapes: dict[str, tuple[int, ...]]
-    reader: Callable[[], Iterator[tuple[str, np.ndarray]]] = field(repr=False)
-    write_tokenizer: Callable[[Path], None] = field(repr=False)
 
 
 # ---- safetensors --------------------------------------------------------------------------------
@@ -327,8 +312,6 @@ def _open_source(src: Path) -> tuple[TensorSource, ModelConfig]:
             )
         return source, ModelConfig.from_hf_dict(source.hf_config)
     if src.is_file() and src.suffix == ".gguf":
-        from jaxserve.gguf import gguf_source
-
         source = gguf_source(src)
         return source, ModelConfig.from_hf_dict(source.hf_config)
     if not src.exists():

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+import models
 from jaxserve import multihost, sharding
 from jaxserve.config import ModelConfig
 from jaxserve.sampling import RowSpec, SamplingBatch, sample
@@ -203,7 +204,7 @@ class Engine:
         if mesh is not None:
             # A no-op for parameters already restored into these shardings.
             pure = nnx.to_pure_dict(self.state)
-            shardings = sharding.param_shardings(self.model_config, self.dtype, mesh)
+            shardings = models.param_shardings(self.model_config, self.dtype, mesh)
             nnx.replace_by_pure_dict(self.state, jax.device_put(pure, shardings))
         # The parameters travel to the steps as a flat list: flattening an nnx.State per call
         # costs more than the list.

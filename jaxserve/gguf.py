@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 
 from jaxserve.checkpoint import CheckpointError
 from jaxserve.config import UnsupportedModelError
-from jaxserve.convert import TensorSource
+from jaxserve.tensor_source import TensorSource
 
 # GGUF `general.architecture` → Hugging Face architecture. llama.cpp writes Mixtral as "llama"
 # with experts; that case is picked by the expert count.

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+import models
 from jaxserve import sharding
 from jaxserve.beam_search import BeamSearch
 from jaxserve.engine import Engine, EngineConfig
@@ -138,7 +139,7 @@ class LLMEngine:
         mesh, shardings = None, None
         if tensor_parallel_size * expert_parallel_size > 1 or jax.process_count() > 1:
             mesh = sharding.make_mesh(tensor_parallel_size, expert_parallel_size)
-            shardings = sharding.param_shardings(ModelConfig.from_dir(path), jdtype, mesh)
+            shardings = models.param_shardings(ModelConfig.from_dir(path), jdtype, mesh)
         lm, mcfg = load_model(path, dtype=jdtype, shardings=shardings)
         tokenizer = Tokenizer.from_dir(path)
         max_len = max_model_len or mcfg.max_position_embeddings

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import ModelConfig
@@ -124,26 +122,6 @@ def partition_spec(
     return PartitionSpec(
         *(mesh_axis(a, s, cfg, mesh_shape) for a, s in zip(axes, shape, strict=True))
     )
-
-
-def param_specs(cfg: ModelConfig, dtype: jnp.dtype, mesh_shape: MeshShape) -> dict[Any, Any]:
-    """PartitionSpec of every parameter, as a pytree shaped like the model's pure state dict."""
-    # Imported here: `models.moe` imports this module for its expert-parallel specs.
-    from models import abstract_model
-
-    specs = jax.tree.map(
-        lambda v: partition_spec(v.get_metadata()["axes"], v.shape, cfg, mesh_shape),
-        nnx.state(abstract_model(cfg, dtype)),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return nnx.to_pure_dict(specs)
-
-
-def param_shardings(cfg: ModelConfig, dtype: jnp.dtype, mesh: Mesh) -> dict[Any, Any]:
-    """NamedSharding of every parameter, shaped like the pure state dict (`load_model`'s
-    `shardings`)."""
-    validate(cfg, mesh.shape)
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, dtype, mesh.shape))
 
 
 def kv_spec(num_kv_heads: int, mesh_shape: MeshShape) -> PartitionSpec:

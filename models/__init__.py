@@ -10,6 +10,8 @@ from models.llama import (
     WeightMapping,
     abstract_model,
     init_kv_cache,
+    param_shardings,
+    param_specs,
     weight_map,
 )
 
@@ -19,5 +21,7 @@ __all__ = [
     "WeightMapping",
     "abstract_model",
     "init_kv_cache",
+    "param_shardings",
+    "param_specs",
     "weight_map",
 ]

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq
 from models.moe import DenseMLP, MoE
@@ -194,6 +196,25 @@ def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
 def abstract_model(cfg: ModelConfig, dtype: jnp.dtype) -> CausalLM:
     """The model with ShapeDtypeStructs instead of arrays: shapes, dtypes and axes, no memory."""
     return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def param_specs(cfg: ModelConfig, dtype: jnp.dtype, mesh_shape: sharding.MeshShape) -> dict:
+    """PartitionSpec of every parameter, from the logical axes each one was declared with, as a
+    pytree shaped like the model's pure state dict."""
+    specs = jax.tree.map(
+        lambda v: sharding.partition_spec(v.get_metadata()["axes"], v.shape, cfg, mesh_shape),
+        nnx.state(abstract_model(cfg, dtype)),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(specs)
+
+
+def param_shardings(cfg: ModelConfig, dtype: jnp.dtype, mesh: Mesh) -> dict:
+    """NamedSharding of every parameter, shaped like the pure state dict (`load_model`'s
+    `shardings`)."""
+    sharding.validate(cfg, mesh.shape)
+    specs = param_specs(cfg, dtype, mesh.shape)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:

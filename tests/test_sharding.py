@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import models
 from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from jaxserve.engine import EngineConfig
@@ -38,7 +39,7 @@ def config(name: str) -> ModelConfig:
 
 
 def specs(name: str, tp: int, ep: int = 1) -> dict:
-    return sharding.param_specs(config(name), jnp.float32, {"expert": ep, "tensor": tp})
+    return models.param_specs(config(name), jnp.float32, {"expert": ep, "tensor": tp})
 
 
 # --- the rules (no devices needed) ---------------------------------------------------------------
@@ -241,7 +242,7 @@ def _generate(model_dir: str, tp: int, ep: int):
     mesh = shardings = None
     if tp * ep > 1:
         mesh = sharding.make_mesh(tp, ep)
-        shardings = sharding.param_shardings(cfg, jnp.float32, mesh)
+        shardings = models.param_shardings(cfg, jnp.float32, mesh)
     model, _ = load_model(model_dir, jnp.float32, shardings=shardings)
     engine = LLMEngine(model, None, _engine_config(), mesh=mesh)
     params = SamplingParams(
@@ -356,7 +357,7 @@ def _unbalanced(model_dir: str) -> None:
     for tp, ep in ((1, 2), (1, 4), (2, 4)):
         mesh = sharding.make_mesh(tp, ep)
         placed = jax.tree.map(lambda a: a, state)
-        layout = sharding.param_shardings(cfg, jnp.float32, mesh)["layers"][0]["mlp"]
+        layout = models.param_shardings(cfg, jnp.float32, mesh)["layers"][0]["mlp"]
         nnx.replace_by_pure_dict(placed, jax.device_put(nnx.to_pure_dict(state), layout))
         with jax.set_mesh(mesh):
             assert "shard_map" in str(jax.make_jaxpr(run)(placed, x))

@@ -279,11 +279,12 @@ def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngi
     ep = given.pop("expert_parallel_size", 1)
     mesh, shardings = None, None
     if tp * ep > 1:
+        import models
         from jaxserve import sharding
 
         # As `from_pretrained` does: each device initialises only its own shards.
         mesh = sharding.make_mesh(tp, ep)
-        shardings = sharding.param_shardings(cfg, dtype, mesh)
+        shardings = models.param_shardings(cfg, dtype, mesh)
     model = random_model(cfg, dtype, seed=args.seed, shardings=shardings)
     return LLMEngine(
         model, None, EngineConfig(**given), model_name=model_label(args), seed=args.seed, mesh=mesh
