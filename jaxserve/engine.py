@@ -312,15 +312,13 @@ class Engine:
             return self.cfg.page_buckets
         return (math.ceil(self.cfg.max_model_len / self.cfg.page_size),)
 
-    def _tables(
-        self, rows: list[ScheduledSeq], num_rows: int, is_decode: bool
-    ) -> tuple[np.ndarray, int]:
+    def _tables(self, rows: list[ScheduledSeq], num_rows: int, is_decode: bool) -> np.ndarray:
         need = max((len(r.block_table) for r in rows), default=1)
         p = pick(self.page_buckets(is_decode), max(need, 1))
         tables = np.zeros((num_rows, p), np.int32)
         for i, r in enumerate(rows):
             tables[i, : len(r.block_table)] = r.block_table
-        return tables, p
+        return tables
 
     def _slots(self, row: ScheduledSeq) -> np.ndarray:
         pos = np.arange(row.start_pos, row.start_pos + len(row.token_ids))
@@ -339,7 +337,7 @@ class Engine:
             backend=self.backend if is_decode else self.prefill_backend,
         )
 
-    def _run_decode(self, rows: list[ScheduledSeq]) -> jax.Array:
+    def _run_decode(self, rows: list[ScheduledSeq]) -> None:
         b = pick(self.cfg.decode_buckets, len(rows))
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
@@ -350,7 +348,7 @@ class Engine:
             positions[i] = r.start_pos
             slots[i] = self._slots(r)[0]
             seq_lens[i] = r.start_pos + 1
-        tables, _ = self._tables(rows, b, True)
+        tables = self._tables(rows, b, True)
         cu = np.arange(b + 1, dtype=np.int32)
         self._device(_OP_DECODE, (tokens, positions, slots, tables, seq_lens, cu))
 
@@ -381,7 +379,7 @@ class Engine:
             cu[i + 1] = off
             last_idx[i] = off - 1
         cu[len(rows) + 1 :] = off
-        tables, _ = self._tables(rows, s, False)
+        tables = self._tables(rows, s, False)
         arrays = (tokens, positions, slots, tables, seq_lens, cu, last_idx)
         if prompt_targets:
             return self._device(_OP_PREFILL_LOGPROBS, (*arrays, targets))
