@@ -100,6 +100,28 @@ def build_work_list(cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int) 
     return table[jnp.argsort(-work, stable=True)]
 
 
+def warpgroup_rows(tile_row, lo, hi, q_off, w):
+    """Valid row range [a, b) of warpgroup w's 64 rows in a work item, and the position of its
+    row 0 (negative for padding rows: their "sequence" has no keys)."""
+    r0 = tile_row + w * WG_ROWS
+    a = jnp.clip(lo - r0, 0, WG_ROWS)
+    b = jnp.clip(hi - r0, 0, WG_ROWS)
+    return a, b, q_off + r0 - lo
+
+
+def warpgroup_kv_end(tile_row, lo, hi, q_off, ctx, w):
+    """Number of keys (positions 0..end-1) warpgroup w's valid rows attend to; never negative:
+    the step counts divide by truncation, and a count of -1 for one warpgroup would make it
+    wait on a K/V step that is never loaded (a hang)."""
+    a, b, pos0 = warpgroup_rows(tile_row, lo, hi, q_off, w)
+    return jnp.where(b > a, jnp.clip(pos0 + b, 0, ctx), 0)
+
+
+def kv_steps(kv_end, block_kv: int):
+    """Pipeline steps of `block_kv` keys covering `kv_end` keys."""
+    return lax.div(kv_end + (block_kv - 1), block_kv)
+
+
 def _prefill_call(
     q: jax.Array,
     k_pages: jax.Array,
@@ -138,23 +160,18 @@ def _prefill_call(
             plgpu.barrier_wait(sched)
 
         def rows_of(w):
-            """Valid row range [a, b) of warpgroup w's 64 rows, and the position of its row 0."""
-            r0 = tile_row + w * WG_ROWS
-            a = jnp.clip(lo - r0, 0, WG_ROWS)
-            b = jnp.clip(hi - r0, 0, WG_ROWS)
-            return a, b, q_off + r0 - lo
+            return warpgroup_rows(tile_row, lo, hi, q_off, w)
 
         def kv_end(w):
-            a, b, pos0 = rows_of(w)
-            return jnp.where(b > a, jnp.minimum(pos0 + b, ctx), 0)
+            return warpgroup_kv_end(tile_row, lo, hi, q_off, ctx, w)
 
-        n_kv = lax.div(jnp.maximum(kv_end(0), kv_end(1)) + (bk - 1), bk)
+        n_kv = kv_steps(jnp.maximum(kv_end(0), kv_end(1)), bk)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             a, b, pos0 = rows_of(wg)
-            n_mine = lax.div(kv_end(wg) + (bk - 1), bk)
+            n_mine = kv_steps(kv_end(wg), bk)
             # Steps whose keys all precede the first valid row's position need no mask.
             n_full = jnp.clip(lax.div(jnp.maximum(pos0 + a + 1, 0), bk), 0, n_mine)
             r0 = lax.div(tile_row, 8) * 8 + wg * WG_ROWS  # written so Mosaic sees the alignment

@@ -287,6 +287,37 @@ def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
     assert np.all(covered == 1)
 
 
+@pytest.mark.parametrize(
+    ("q_lens", "cached", "num_tokens"),
+    [
+        ([136, 105, 228, 133, 70, 172, 442, 309], [0] * 8, 2048),  # a long padding tail
+        ([1], [0], 320),
+        ([300, 1, 77], [0, 40, 9], 1000),
+        ([64, 257], [3000, 129], 336),
+    ],
+)
+def test_prefill_kv_steps_agree_across_warpgroups(
+    q_lens: list[int], cached: list[int], num_tokens: int
+) -> None:
+    """Per work item, each compute warpgroup's K/V step count lies in [0, steps loaded]: the memory
+    warpgroup loads exactly the steps the compute warpgroups consume or release, or the kernel
+    hangs on a barrier. Padding rows (negative positions) once gave a warpgroup -1 steps."""
+    bk = _mosaic_prefill.choose_config(64).block_kv
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_lens = jnp.asarray(np.add(cached, q_lens), jnp.int32)
+    work = _mosaic_prefill.build_work_list(jnp.asarray(cu), seq_lens, num_tokens)
+    _, tile_row, lo, hi, q_off, ctx = (work[:, i] for i in range(6))
+    ends = [
+        _mosaic_prefill.warpgroup_kv_end(tile_row, lo, hi, q_off, ctx, w)
+        for w in range(_mosaic_prefill.COMPUTE_WGS)
+    ]
+    n_kv = np.asarray(_mosaic_prefill.kv_steps(jnp.maximum(*ends), bk))
+    for end in ends:
+        n_mine = np.asarray(_mosaic_prefill.kv_steps(end, bk))
+        assert np.all(n_mine >= 0) and np.all(n_mine <= n_kv)
+    assert np.all(n_kv <= -(-np.asarray(ctx) // bk))
+
+
 def test_decode_config_fills_the_gpu() -> None:
     for batch, kv_heads, max_pages, page, d in [(1, 8, 2048, 16, 128), (32, 8, 256, 16, 128)]:
         cfg = _mosaic_decode.choose_config(batch, kv_heads, max_pages, page, d, num_sms=132)
