@@ -117,8 +117,8 @@ def resolve_backend(backend: str) -> tuple[str, str]:
     """The (decode, prefill) backends for a configured name.
 
     'auto' picks the Mosaic GPU decode kernel on Hopper GPUs. Prefill stays on the reference path
-    under 'auto': the Mosaic prefill kernel hung on a packed 2048-token step of 8 prompts on the
-    H100 and is only used when asked for by name ('mosaic')."""
+    under 'auto' until the Mosaic prefill kernel's fix for long padding tails (it hung on a packed
+    2048-token step of 8 prompts) has been run on a GPU; 'mosaic' uses it now."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend != "auto":
