@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 from jaxserve.sharding import TENSOR, kv_spec
 from pallas_kernels import flash_attention, paged_attention
 
-BACKENDS = ("reference", "mosaic", "auto")
+BACKENDS = ("auto", "reference", "xla", "mosaic")
 
 
 @jax.tree_util.register_dataclass
@@ -116,17 +116,21 @@ def _attention(
 def resolve_backend(backend: str) -> tuple[str, str]:
     """The (decode, prefill) backends for a configured name.
 
-    'auto' picks the Mosaic GPU decode kernel on Hopper GPUs. Prefill stays on the reference path
-    under 'auto' until the Mosaic prefill kernel's fix for long padding tails (it hung on a packed
-    2048-token step of 8 prompts) has been run on a GPU; 'mosaic' uses it now."""
+    'auto': the Mosaic GPU decode kernel on Hopper GPUs (the reference elsewhere), and prefill on
+    the XLA path (`flash_attention.prefill_attention_xla`), which follows the real context length
+    with one compiled table width. The Mosaic prefill kernel is used when asked for by name
+    ('mosaic') until its fix for long padding tails (it hung on a packed 2048-token step of 8
+    prompts) has been run on a GPU. 'xla': reference decode, XLA prefill. 'reference': the
+    reference twins for both."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend, backend
-    dev = jax.devices()[0]
-    if dev.platform == "gpu" and paged_attention.mosaic_available(dev):
-        return "mosaic", "reference"
-    return "reference", "reference"
+    if backend == "auto":
+        dev = jax.devices()[0]
+        hopper = dev.platform == "gpu" and paged_attention.mosaic_available(dev)
+        return ("mosaic" if hopper else "reference"), "xla"
+    if backend == "xla":
+        return "reference", "xla"
+    return backend, backend
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float) -> jax.Array:

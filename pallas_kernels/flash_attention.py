@@ -66,6 +66,75 @@ def prefill_attention_reference(
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
+def prefill_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    positions: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    scale: float,
+    pages_per_block: int = 8,
+) -> jax.Array:
+    """The same function as `prefill_attention_reference`, for GPUs without the Mosaic kernel.
+
+    Walks each sequence's pages in blocks with an online softmax, up to the pages the sequence
+    actually has (a dynamic trip count), so its cost and memory follow the real context and not
+    the width of the block table: one compiled width serves every context length.
+    """
+    t, hq, d = q.shape
+    hkv, _, page_size, _ = k_pages.shape
+    g = hq // hkv
+    s_rows, p = block_tables.shape
+    kb = min(pages_per_block, p)
+    block_len = kb * page_size
+    # Pad the table so the last block's slice stays in bounds; padded entries are masked below.
+    tables = jnp.pad(block_tables, ((0, 0), (0, -p % kb)))
+    qg = q.reshape(t, hkv, g, d).astype(jnp.float32) * scale
+    tok = jnp.arange(t)
+
+    def one_row(s: jax.Array, out: jax.Array) -> jax.Array:
+        in_row = (tok >= cu_q_lens[s]) & (tok < cu_q_lens[s + 1])  # [T]
+
+        def block(i: jax.Array, carry):
+            m, denom, acc = carry  # [T, hkv, g], [T, hkv, g], [T, hkv, g, D]
+            pages = jax.lax.dynamic_slice_in_dim(tables[s], i * kb, kb)
+            k = k_pages[:, pages].reshape(hkv, block_len, d).astype(jnp.float32)
+            v = v_pages[:, pages].reshape(hkv, block_len, d).astype(jnp.float32)
+            key_pos = i * block_len + jnp.arange(block_len)
+            mask = (
+                in_row[:, None]
+                & (key_pos[None, :] <= positions[:, None])
+                & (key_pos[None, :] < seq_lens[s])
+            )[:, None, None, :]
+            scores = jnp.where(mask, jnp.einsum("thgd,hkd->thgk", qg, k), -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            e = jnp.exp(scores - m_safe[..., None])
+            alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+            denom = alpha * denom + jnp.sum(e, axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum("thgk,hkd->thgd", e, v)
+            return m_new, denom, acc
+
+        def compute(out: jax.Array) -> jax.Array:
+            n_blocks = (seq_lens[s] + block_len - 1) // block_len
+            init = (
+                jnp.full((t, hkv, g), -jnp.inf, jnp.float32),
+                jnp.zeros((t, hkv, g), jnp.float32),
+                jnp.zeros((t, hkv, g, d), jnp.float32),
+            )
+            _, denom, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+            o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+            return out + jnp.where(in_row[:, None, None, None], o, 0.0)
+
+        return jax.lax.cond(cu_q_lens[s + 1] > cu_q_lens[s], compute, lambda o: o, out)
+
+    out = jax.lax.fori_loop(0, s_rows, one_row, jnp.zeros((t, hkv, g, d), jnp.float32))
+    return out.reshape(t, hq, d).astype(q.dtype)
+
+
 def prefill_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -99,6 +168,10 @@ def prefill_attention(
         backend = "reference"
     if backend == "reference":
         return prefill_attention_reference(
+            q, k_pages, v_pages, positions, block_tables, seq_lens, cu_q_lens, scale=scale
+        )
+    if backend == "xla":
+        return prefill_attention_xla(
             q, k_pages, v_pages, positions, block_tables, seq_lens, cu_q_lens, scale=scale
         )
     raise ValueError(f"attention_backend: {backend!r} has no prefill kernel on this platform")

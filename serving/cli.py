@@ -34,7 +34,11 @@ ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("--dtype", str, "weight and activation dtype, e.g. bfloat16"),
     ("--seed", int, "engine random seed"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
-    ("--attention-backend", str, "auto (Mosaic GPU kernels on Hopper), reference or mosaic"),
+    (
+        "--attention-backend",
+        str,
+        "auto (Mosaic GPU decode on Hopper, XLA prefill), reference, xla or mosaic",
+    ),
     ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
     ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )

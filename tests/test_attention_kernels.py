@@ -213,6 +213,36 @@ def test_prefill_reference_matches_dense(
     assert np.all(out[cu[-1] :] == 0.0), "padding tokens must produce zeros"
 
 
+@pytest.mark.parametrize(
+    ("group", "page_size", "q_lens", "cached", "pages_per_block"),
+    [
+        (1, 8, [5, 12], [0, 0], 2),
+        (4, 16, [7, 1, 20], [9, 16, 3], 1),  # prefixes ending mid-page, a 1-token chunk
+        (8, 8, [3, 0, 11], [21, 4, 0], 3),  # an empty row; blocks past the table's end
+        (2, 4, [30, 9], [45, 0], 8),
+    ],
+)
+def test_prefill_xla_path_matches_reference(
+    group: int, page_size: int, q_lens: list[int], cached: list[int], pages_per_block: int
+) -> None:
+    rng = np.random.default_rng(hash((group, page_size, tuple(q_lens), 7)) % 2**32)
+    hkv, d = 2, 32
+    q, positions, cu, case = prefill_inputs(
+        rng, q_lens, cached, hkv * group, hkv, d, page_size, pad_tokens=3
+    )
+    args = [
+        jnp.asarray(x)
+        for x in (q, case.k_pages, case.v_pages, positions, case.block_tables, case.seq_lens, cu)
+    ]
+    scale = d**-0.5
+    ref = np.asarray(flash_attention.prefill_attention_reference(*args, scale=scale))
+    out = np.asarray(
+        flash_attention.prefill_attention_xla(*args, scale=scale, pages_per_block=pages_per_block)
+    )
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    assert np.all(out[cu[-1] :] == 0.0)
+
+
 def test_references_agree_on_a_one_token_chunk() -> None:
     """A one-token prefill chunk is a decode step: both twins must give the same answer."""
     rng = np.random.default_rng(7)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from jaxserve.llm_engine import LLMEngine
 
 DTYPES = ("bfloat16", "float16", "float32")
-ATTENTION_BACKENDS = ("auto", "reference", "mosaic")
+ATTENTION_BACKENDS = ("auto", "reference", "xla", "mosaic")
 
 # (flag, type, help) of the engine options; None (the default) keeps the engine's own default.
 ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
