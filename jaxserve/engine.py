@@ -247,13 +247,15 @@ class Engine:
             for _ in range(self.model_config.num_layers)
         ]
         log.info(
-            "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB, %s), attention backend %s",
+            "KV cache: %d pages x %d tokens = %d tokens (%.2f GiB, %s); attention: decode %s, "
+            "prefill %s",
             num_pages - 1,
             cfg.page_size,
             self.capacity_tokens,
             self.kv_bytes / 2**30,
             jnp.dtype(self.kv_dtype).name,
             self.backend,
+            self.prefill_backend,
         )
         log.info("mesh: %s", self.mesh_summary())
         if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
