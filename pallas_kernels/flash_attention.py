@@ -35,34 +35,45 @@ def prefill_attention_reference(
     t, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     g = hq // hkv
-    s_rows, p = block_tables.shape
-    kv_len = p * page_size
+    kv_len = block_tables.shape[1] * page_size
     qg = q.reshape(t, hkv, g, d).astype(jnp.float32)
-    tok = jnp.arange(t)
     key_pos = jnp.arange(kv_len)
 
+    def row_attention(s: jax.Array, in_row: jax.Array) -> jax.Array:
+        k = k_pages[:, block_tables[s]].reshape(hkv, kv_len, d).astype(jnp.float32)
+        v = v_pages[:, block_tables[s]].reshape(hkv, kv_len, d).astype(jnp.float32)
+        mask = (
+            in_row[:, None]
+            & (key_pos[None, :] <= positions[:, None])
+            & (key_pos[None, :] < seq_lens[s])
+        )  # [T, K]
+        scores = jnp.einsum("thgd,hkd->thgk", qg, k) * scale
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        m = jnp.max(scores, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        e = jnp.exp(scores - m)
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        return jnp.einsum("thgk,hkd->thgd", e, v) / jnp.where(denom > 0, denom, 1.0)
+
+    return _over_rows(q, hkv, cu_q_lens, row_attention)
+
+
+def _over_rows(q: jax.Array, hkv: int, cu_q_lens: jax.Array, row_attention) -> jax.Array:
+    """Sum `row_attention(s, in_row)` ([T, hkv, g, D], read only at the row's tokens) over the
+    sequence rows that have tokens; padding tokens stay zero. Returns [T, q_heads, D]."""
+    t, hq, d = q.shape
+    tok = jnp.arange(t)
+
     def one_row(s: jax.Array, out: jax.Array) -> jax.Array:
+        in_row = (tok >= cu_q_lens[s]) & (tok < cu_q_lens[s + 1])  # [T]
+
         def compute(out: jax.Array) -> jax.Array:
-            k = k_pages[:, block_tables[s]].reshape(hkv, kv_len, d).astype(jnp.float32)
-            v = v_pages[:, block_tables[s]].reshape(hkv, kv_len, d).astype(jnp.float32)
-            in_row = (tok >= cu_q_lens[s]) & (tok < cu_q_lens[s + 1])  # [T]
-            mask = (
-                in_row[:, None]
-                & (key_pos[None, :] <= positions[:, None])
-                & (key_pos[None, :] < seq_lens[s])
-            )  # [T, K]
-            scores = jnp.einsum("thgd,hkd->thgk", qg, k) * scale
-            scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-            m = jnp.max(scores, axis=-1, keepdims=True)
-            m = jnp.where(jnp.isfinite(m), m, 0.0)
-            e = jnp.exp(scores - m)
-            denom = jnp.sum(e, axis=-1, keepdims=True)
-            o = jnp.einsum("thgk,hkd->thgd", e, v) / jnp.where(denom > 0, denom, 1.0)
-            return out + jnp.where(in_row[:, None, None, None], o, 0.0)
+            return out + jnp.where(in_row[:, None, None, None], row_attention(s, in_row), 0.0)
 
         return jax.lax.cond(cu_q_lens[s + 1] > cu_q_lens[s], compute, lambda o: o, out)
 
-    out = jax.lax.fori_loop(0, s_rows, one_row, jnp.zeros((t, hkv, g, d), jnp.float32))
+    init = jnp.zeros((t, hkv, hq // hkv, d), jnp.float32)
+    out = jax.lax.fori_loop(0, cu_q_lens.shape[0] - 1, one_row, init)
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
@@ -87,17 +98,14 @@ def prefill_attention_xla(
     t, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     g = hq // hkv
-    s_rows, p = block_tables.shape
+    p = block_tables.shape[1]
     kb = min(pages_per_block, p)
     block_len = kb * page_size
     # Pad the table so the last block's slice stays in bounds; padded entries are masked below.
     tables = jnp.pad(block_tables, ((0, 0), (0, -p % kb)))
     qg = q.reshape(t, hkv, g, d).astype(jnp.float32) * scale
-    tok = jnp.arange(t)
 
-    def one_row(s: jax.Array, out: jax.Array) -> jax.Array:
-        in_row = (tok >= cu_q_lens[s]) & (tok < cu_q_lens[s + 1])  # [T]
-
+    def row_attention(s: jax.Array, in_row: jax.Array) -> jax.Array:
         def block(i: jax.Array, carry):
             m, denom, acc = carry  # [T, hkv, g], [T, hkv, g], [T, hkv, g, D]
             pages = jax.lax.dynamic_slice_in_dim(tables[s], i * kb, kb)
@@ -118,21 +126,16 @@ def prefill_attention_xla(
             acc = alpha[..., None] * acc + jnp.einsum("thgk,hkd->thgd", e, v)
             return m_new, denom, acc
 
-        def compute(out: jax.Array) -> jax.Array:
-            n_blocks = (seq_lens[s] + block_len - 1) // block_len
-            init = (
-                jnp.full((t, hkv, g), -jnp.inf, jnp.float32),
-                jnp.zeros((t, hkv, g), jnp.float32),
-                jnp.zeros((t, hkv, g, d), jnp.float32),
-            )
-            _, denom, acc = jax.lax.fori_loop(0, n_blocks, block, init)
-            o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
-            return out + jnp.where(in_row[:, None, None, None], o, 0.0)
+        n_blocks = (seq_lens[s] + block_len - 1) // block_len
+        init = (
+            jnp.full((t, hkv, g), -jnp.inf, jnp.float32),
+            jnp.zeros((t, hkv, g), jnp.float32),
+            jnp.zeros((t, hkv, g, d), jnp.float32),
+        )
+        _, denom, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+        return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
 
-        return jax.lax.cond(cu_q_lens[s + 1] > cu_q_lens[s], compute, lambda o: o, out)
-
-    out = jax.lax.fori_loop(0, s_rows, one_row, jnp.zeros((t, hkv, g, d), jnp.float32))
-    return out.reshape(t, hq, d).astype(q.dtype)
+    return _over_rows(q, hkv, cu_q_lens, row_attention)
 
 
 def prefill_attention(
