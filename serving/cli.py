@@ -19,28 +19,23 @@ from typing import Any, TextIO
 
 import grpc
 
+from jaxserve.engine_options import SHARED_ENGINE_OPTIONS, EngineOption
 from serving.client import Client
 from serving.engine_loop import Engine
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 # (flag, type, help) of the options handed to the engine factory as `engine_args`.
-ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("--page-size", int, "tokens per KV-cache page"),
-    ("--num-pages", int, "KV-cache pages (default: sized from --kv-memory-fraction)"),
-    ("--max-num-seqs", int, "most sequences in one batch"),
-    ("--max-num-batched-tokens", int, "most tokens in one step"),
+ENGINE_OPTIONS: tuple[EngineOption, ...] = (
+    *SHARED_ENGINE_OPTIONS,
     ("--max-model-len", int, "context length (prompt + generated)"),
     ("--dtype", str, "weight and activation dtype, e.g. bfloat16"),
     ("--seed", int, "engine random seed"),
-    ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
     (
         "--attention-backend",
         str,
         "auto (Mosaic GPU decode on Hopper, XLA prefill), reference, xla or mosaic",
     ),
-    ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
-    ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )
 
 EngineFactory = Callable[[argparse.Namespace], Engine]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxserve.bench import shapes
+from jaxserve.engine_options import SHARED_ENGINE_OPTIONS, EngineOption
 
 if TYPE_CHECKING:
     from jaxserve.llm_engine import LLMEngine
@@ -26,16 +27,10 @@ DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "mosaic")
 
 # (flag, type, help) of the engine options; None (the default) keeps the engine's own default.
-ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("--page-size", int, "tokens per KV-cache page"),
-    ("--num-pages", int, "KV-cache pages (default: sized from --kv-memory-fraction)"),
-    ("--max-num-seqs", int, "most sequences in one batch"),
-    ("--max-num-batched-tokens", int, "most tokens in one step"),
+ENGINE_OPTIONS: tuple[EngineOption, ...] = (
+    *SHARED_ENGINE_OPTIONS,
     ("--max-prefill-seqs", int, "most prompts (chunks) in one step"),
     ("--max-model-len", int, "context length, prompt + output (default: what the run needs)"),
-    ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
-    ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
-    ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )
 
 # Engine defaults when a random-weight model is built here; `LLMEngine.from_pretrained` applies
