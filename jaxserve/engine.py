@@ -7,11 +7,16 @@ results. It keeps no per-request state: what a sequence is and when it ends is t
 `LLMEngine`'s business.
 
 Compiled shapes come from fixed bucket lists (decode batch, prefill tokens, pages per sequence), so
-the set of compilations is small and known; `warmup()` compiles all of them.
+the set of compilations is small and known; `warmup()` compiles all of them, several at once.
+
+Multi-step decoding (`execute_run`): `decode_steps` decode iterations in one compiled call, each
+sampling on device and feeding its tokens to the next, so the host's per-call cost (argument
+transfer, launch, read-back, scheduling) is paid once per run instead of once per token.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -30,7 +35,7 @@ from jax.sharding import Mesh
 import models
 from jaxserve import multihost, sharding
 from jaxserve.config import ModelConfig
-from jaxserve.sampling import RowSpec, SamplingBatch, sample
+from jaxserve.sampling import RowSpec, SamplingBatch, sample, sampler_flags
 from models import CausalLM, KVCache
 from pallas_kernels.attention import AttentionMetadata, resolve_backend
 from serving.scheduler import ScheduledSeq, StepPlan
@@ -38,7 +43,7 @@ from serving.scheduler import ScheduledSeq, StepPlan
 log = logging.getLogger(__name__)
 
 # The device calls an engine makes, numbered for `multihost.StepChannel` (0 is its STOP).
-_OP_COPY, _OP_DECODE, _OP_PREFILL, _OP_PREFILL_LOGPROBS, _OP_SAMPLE = range(1, 6)
+_OP_COPY, _OP_DECODE, _OP_PREFILL, _OP_PREFILL_LOGPROBS, _OP_SAMPLE, _OP_DECODE_RUN = range(1, 7)
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingBatch))
 _SAMPLE_FLAGS = ("all_greedy", "need_sort", "need_logprobs")
 
@@ -80,6 +85,10 @@ class EngineConfig:
     max_prefill_seqs: int = 8
     max_model_len: int = 4096
     attention_backend: str = "auto"
+    # Decode iterations per device call when every running sequence is plainly decoding (see
+    # `execute_run`); 1 turns multi-step decoding off; 0 = 8 with a kernel decode backend, else 1
+    # (the CPU's reference path, where compute dwarfs the per-call cost).
+    decode_steps: int = 0
     # Reuse the K/V of full pages whose whole token prefix was computed before (the scheduler's).
     enable_prefix_caching: bool = True
     kv_cache_cpu_bytes: int = 1 << 30  # cache size on CPU, which reports no free memory
@@ -100,6 +109,8 @@ class EngineConfig:
             raise ValueError(f"page_size: must be a power of two, got {self.page_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.decode_steps < 0:
+            raise ValueError(f"decode_steps: must be >= 0, got {self.decode_steps}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}"
@@ -118,6 +129,15 @@ class StepResult:
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
     # request_id -> list of (position, {token: logprob}) for prompt positions computed this step
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """Host-side results of a multi-step run: each row's tokens (and logprobs, when wanted) in
+    order, as many as the row's `num_steps`."""
+
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
 
 
 class ModelDef:
@@ -177,6 +197,39 @@ def _prefill_step_with_prompt_logprobs(
     return model.logits(h[last_idx]), kv, target_lp, top_ids, top_lp
 
 
+@functools.partial(
+    jax.jit, static_argnums=(0, 8), static_argnames=_SAMPLE_FLAGS, donate_argnums=(2,)
+)
+def _decode_run(
+    mdef, params, kv, tokens, positions, last_pos, meta, batch, num_steps, **sample_flags
+):
+    """`num_steps` decode iterations in one call. Each samples every row's next token on device
+    and feeds it back as the row's next input at the next position; the slot each writes comes
+    from the row's block table. A row past its `last_pos` (and a padding row, `seq_lens == 0`)
+    writes into page 0 and attends to nothing. Returns the sampler's outputs stacked over the
+    steps ([num_steps, R, ...]) and the cache."""
+    page_size = kv[0][0].shape[2]
+    rows = jnp.arange(tokens.shape[0])
+    in_use = meta.seq_lens > 0
+
+    def step(carry, i):
+        kv, tok, pos = carry
+        live = in_use & (pos <= last_pos)
+        page = jnp.take_along_axis(meta.block_tables, (pos // page_size)[:, None], 1, mode="clip")
+        m = dataclasses.replace(
+            meta,
+            slot_mapping=jnp.where(live, page[:, 0] * page_size + pos % page_size, 0),
+            seq_lens=jnp.where(live, pos + 1, 0),
+        )
+        model, h, kv = _forward(mdef, params, kv, tok, pos, m)
+        b = dataclasses.replace(batch, step=batch.step + i.astype(batch.step.dtype))
+        out = sample(model.logits(h), rows, b, **sample_flags)
+        return (kv, out["tokens"], pos + 1), out
+
+    (kv, _, _), outs = jax.lax.scan(step, (kv, tokens, positions), jnp.arange(num_steps))
+    return outs, kv
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(kv, src, dst):
     return sharding.constrain_kv(
@@ -220,16 +273,22 @@ class Engine:
         if num_pages < 2:
             raise ValueError(f"num_pages: need at least 2 (page 0 is reserved), got {num_pages}")
         enable_compilation_cache(cfg.compilation_cache_dir)
-        factor = 4 if jax.devices()[0].platform == "cpu" else 2
+        on_cpu = jax.devices()[0].platform == "cpu"
+        factor = 4 if on_cpu else 2
         page_buckets = cfg.page_buckets or geometric_upto(max_pages_per_seq, 4, factor)
+        # On a GPU, XLA turns matmuls of fewer than 8 rows into reductions that read the weights
+        # at a fraction of the bandwidth (Llama-3-8B: 8.0 ms per step at batch 1, 6.2 at 8).
+        min_decode = 1 if on_cpu else 8
         self.cfg = cfg = EngineConfig(
             **{
                 **cfg.__dict__,
                 "num_pages": num_pages,
-                "decode_buckets": cfg.decode_buckets or geometric_upto(cfg.max_num_seqs, 1, factor),
+                "decode_buckets": cfg.decode_buckets
+                or geometric_upto(cfg.max_num_seqs, min_decode, factor),
                 "prefill_buckets": cfg.prefill_buckets
                 or geometric_upto(cfg.max_num_batched_tokens, 16, factor),
                 "page_buckets": page_buckets,
+                "decode_steps": cfg.decode_steps or (1 if self.backend == "reference" else 8),
             }
         )
         shape = (
@@ -238,7 +297,13 @@ class Engine:
             cfg.page_size,
             self.model_config.head_dim,
         )
-        kv_device = None if mesh is None else sharding.kv_sharding(self.model_config, mesh)
+        # Committed from the start, like every cache a step returns: one compiled signature.
+        kv_device = (
+            jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            if mesh is None
+            else sharding.kv_sharding(self.model_config, mesh)
+        )
+        self._kv_shape, self._kv_sharding = shape, kv_device
         self.kv: KVCache = [
             (
                 jnp.zeros(shape, self.kv_dtype, device=kv_device),
@@ -257,6 +322,14 @@ class Engine:
             self.backend,
             self.prefill_backend,
         )
+        # Compiles off the serving thread: warm-up's, several at once, and the multi-step decode
+        # variants first needed while serving (`decode_run_ready`).
+        self._compiler = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
+            thread_name_prefix="jaxserve-compile",
+        )
+        self._run_compiles: dict[tuple, concurrent.futures.Future] = {}
+        self._run_failed: set[tuple] = set()
         log.info("mesh: %s", self.mesh_summary())
         if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
             log.warning(
@@ -341,6 +414,9 @@ class Engine:
 
     def _run_decode(self, rows: list[ScheduledSeq]) -> None:
         b = pick(self.cfg.decode_buckets, len(rows))
+        self._device(_OP_DECODE, self._decode_arrays(rows, b))
+
+    def _decode_arrays(self, rows: list[ScheduledSeq], b: int) -> tuple[np.ndarray, ...]:
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
         slots = np.zeros(b, np.int32)  # padding rows write into page 0
@@ -352,12 +428,35 @@ class Engine:
             seq_lens[i] = r.start_pos + 1
         tables = self._tables(rows, b, True)
         cu = np.arange(b + 1, dtype=np.int32)
-        self._device(_OP_DECODE, (tokens, positions, slots, tables, seq_lens, cu))
+        return tokens, positions, slots, tables, seq_lens, cu
+
+    def _run_arrays(
+        self, rows: list[ScheduledSeq], specs: list[RowSpec]
+    ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+        """The padded inputs and sampler flags of a multi-step run over `rows`."""
+        b = pick(self.cfg.decode_buckets, len(rows))
+        tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b)
+        last_pos = np.zeros(b, np.int32)
+        last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
+        batch, flags = SamplingBatch.build(specs, b)
+        sampling = tuple(getattr(batch, name) for name in _SAMPLING_FIELDS)
+        arrays = (tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling)
+        return arrays, tuple(int(flags[k]) for k in _SAMPLE_FLAGS)
 
     def _run_prefill(
         self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
     ) -> dict | None:
         """Runs the step; returns the prompt logprob arrays when `prompt_targets` asks for them."""
+        arrays = self._prefill_arrays(rows, prompt_targets)
+        if prompt_targets:
+            return self._device(_OP_PREFILL_LOGPROBS, arrays)
+        self._device(_OP_PREFILL, arrays[:-1])
+        return None
+
+    def _prefill_arrays(
+        self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
+    ) -> tuple[np.ndarray, ...]:
+        """The padded inputs of a prefill step; the last is the prompt-logprob targets."""
         n_tok = sum(len(r.token_ids) for r in rows)
         t = pick(self.cfg.prefill_buckets, n_tok)
         s = self.cfg.max_prefill_seqs
@@ -382,11 +481,7 @@ class Engine:
             last_idx[i] = off - 1
         cu[len(rows) + 1 :] = off
         tables = self._tables(rows, s, False)
-        arrays = (tokens, positions, slots, tables, seq_lens, cu, last_idx)
-        if prompt_targets:
-            return self._device(_OP_PREFILL_LOGPROBS, (*arrays, targets))
-        self._device(_OP_PREFILL, arrays)
-        return None
+        return tokens, positions, slots, tables, seq_lens, cu, last_idx, targets
 
     # ---- the step -----------------------------------------------------------------------------
     def execute(
@@ -422,6 +517,77 @@ class Engine:
             self._collect_prompt_logprobs(plan.prefill, prompt_targets, prompt_out, result)
         return result
 
+    def execute_run(self, plan: StepPlan, specs: dict[int, RowSpec]) -> RunResult:
+        """Run a multi-step plan (`Scheduler.schedule_decode_run`): `decode_steps` decode
+        iterations in one device call; row i keeps its first `num_steps` tokens."""
+        rows = plan.decode
+        if plan.prefill or plan.num_steps > self.cfg.decode_steps:
+            raise ValueError(
+                f"plan: a run is decode rows only, of at most {self.cfg.decode_steps} steps"
+            )
+        if plan.page_copies:
+            self._copy(plan.page_copies)
+        row_specs = [specs[r.seq_id] for r in rows]
+        arrays, flags = self._run_arrays(rows, row_specs)
+        out = jax.device_get(self._device(_OP_DECODE_RUN, arrays, flags))
+        result = RunResult()
+        for i, (r, spec) in enumerate(zip(rows, row_specs, strict=True)):
+            toks = [int(t) for t in out["tokens"][: r.num_steps, i]]
+            result.tokens[r.seq_id] = toks
+            if spec.want_logprobs:
+                result.logprobs[r.seq_id] = [
+                    _logprob_map(
+                        tok, out["logprob"][j, i], out["top_ids"][j, i], out["top_logprobs"][j, i]
+                    )
+                    for j, tok in enumerate(toks)
+                ]
+        return result
+
+    def decode_run_ready(self, num_rows: int, context_len: int, specs: list[RowSpec]) -> bool:
+        """Whether the multi-step decode of `num_rows` rows of at most `context_len` positions,
+        sampled like `specs`, is compiled. If not, its compilation starts in the background
+        (single steps serve meanwhile): a new kind of sampling never stalls serving."""
+        if self.cfg.decode_steps < 2 or num_rows > self.cfg.max_num_seqs:
+            return False
+        flags = sampler_flags(specs)
+        key = (
+            pick(self.cfg.decode_buckets, num_rows),
+            pick(self.page_buckets(True), math.ceil(context_len / self.cfg.page_size)),
+            *(flags[k] for k in _SAMPLE_FLAGS),
+        )
+        future = self._run_compile(key)
+        if not future.done():
+            return False
+        if future.exception() is not None:
+            if key not in self._run_failed:
+                self._run_failed.add(key)
+                log.warning("multi-step decode %s failed to compile: %s", key, future.exception())
+            return False
+        return True
+
+    def finish_compiles(self) -> None:
+        """Wait for the multi-step variants compiling in the background (a benchmark calls this
+        after its warm-up so that it times the steady state)."""
+        for future in list(self._run_compiles.values()):
+            future.exception()
+
+    def _run_compile(self, key: tuple) -> concurrent.futures.Future:
+        """The compilation of multi-step decode variant `key` (batch bucket, page bucket,
+        *sampler flags), started on the compile threads if it was not yet."""
+        if key not in self._run_compiles:
+            self._run_compiles[key] = self._compiler.submit(self._compile_run, *key)
+        return self._run_compiles[key]
+
+    def _compile_run(self, b: int, p: int, *flags: bool) -> None:
+        rows = [_dummy_row(i, [0], [0] * p) for i in range(b)]
+        spec = RowSpec(
+            temperature=0.0 if flags[0] else 1.0,
+            top_k=1 if flags[1] else 0,
+            want_logprobs=flags[2],
+        )
+        arrays, _ = self._run_arrays(rows, [spec] * b)
+        self._compile(_OP_DECODE_RUN, arrays, tuple(int(f) for f in flags))
+
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
         """Sample the rows of the last `source` (_OP_DECODE / _OP_PREFILL) step's logits."""
         src, sids = [], []
@@ -445,9 +611,9 @@ class Engine:
             tok = int(out["tokens"][i])
             lp_map = None
             if row_specs[i].want_logprobs:
-                lp_map = {tok: float(out["logprob"][i])}
-                for t_id, t_lp in zip(out["top_ids"][i], out["top_logprobs"][i], strict=True):
-                    lp_map.setdefault(int(t_id), float(t_lp))
+                lp_map = _logprob_map(
+                    tok, out["logprob"][i], out["top_ids"][i], out["top_logprobs"][i]
+                )
             res[sid] = (tok, lp_map)
         return res
 
@@ -490,26 +656,62 @@ class Engine:
 
     def _run_call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]):
         # Host arrays go in as they are: jit places them replicated over the mesh.
-        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+        with self._mesh_context():
             if op == _OP_COPY:
                 self.kv = _copy_pages(self.kv, *arrays)
                 return None
+            fn, args, kwargs = self._call(op, arrays, flags, self.kv)
             if op == _OP_SAMPLE:
-                batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays[1:], strict=True)))
-                static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags[1:], strict=True)}
-                return self._readable(sample(self._logits[flags[0]], arrays[0], batch, **static))
-            tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
-            meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
-            args = (self._mdef, self._params, self.kv, tokens, positions, meta, *rest)
-            if op == _OP_DECODE:
-                self._logits[_OP_DECODE], self.kv = _decode_step(*args)
+                return self._readable(fn(*args, **kwargs))
+            if op == _OP_DECODE_RUN:
+                out, self.kv = fn(*args, **kwargs)
+                return self._readable(out)
+            if op in (_OP_DECODE, _OP_PREFILL):
+                self._logits[op], self.kv = fn(*args, **kwargs)
                 return None
-            if op == _OP_PREFILL:
-                self._logits[_OP_PREFILL], self.kv = _prefill_step(*args)
-                return None
-            logits, self.kv, tlp, top_ids, top_lp = _prefill_step_with_prompt_logprobs(*args)
+            logits, self.kv, tlp, top_ids, top_lp = fn(*args, **kwargs)
             self._logits[_OP_PREFILL] = logits
             return self._readable({"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp})
+
+    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
+        """The jitted function, positional and keyword arguments of a device call (not _OP_COPY).
+        `kv` is the cache, or its shapes (`_kv_shapes`) to compile a step without running it."""
+        if op == _OP_SAMPLE:
+            batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays[1:], strict=True)))
+            static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags[1:], strict=True)}
+            return sample, (self._logits[flags[0]], arrays[0], batch), static
+        if op == _OP_DECODE_RUN:
+            tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
+            meta = self._meta(slots, tables, seq_lens, cu, True)
+            batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, sampling, strict=True)))
+            static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags, strict=True)}
+            args = (self._mdef, self._params, kv, tokens, positions, last_pos, meta, batch)
+            return _decode_run, (*args, self.cfg.decode_steps), static
+        tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
+        meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
+        fn = {
+            _OP_DECODE: _decode_step,
+            _OP_PREFILL: _prefill_step,
+            _OP_PREFILL_LOGPROBS: _prefill_step_with_prompt_logprobs,
+        }[op]
+        return fn, (self._mdef, self._params, kv, tokens, positions, meta, *rest), {}
+
+    def _compile(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]) -> None:
+        """Compile a device call without running it (any thread); a later call with the same
+        shapes finds it in jit's cache."""
+        if self._channel is not None:
+            return  # every process must compile in step; they do so on the call itself
+        with self._mesh_context():
+            fn, args, kwargs = self._call(op, arrays, flags, self._kv_shapes())
+            fn.lower(*args, **kwargs).compile()
+
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _kv_shapes(self) -> list[tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
+        """The cache as shapes: what compiling needs, safe to use while a step donates it."""
+        page = jax.ShapeDtypeStruct(self._kv_shape, self.kv_dtype, sharding=self._kv_sharding)
+        return [(page, page)] * self.model_config.num_layers
 
     def _readable(self, tree):
         """Results process 0 reads back: replicated when the mesh spans processes, since a
@@ -541,15 +743,36 @@ class Engine:
 
     # ---- warm-up ------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every reachable (bucket, pages) shape of both steps and the greedy sampler.
-        Returns the seconds it took."""
+        """Compile every reachable (bucket, pages) shape of both steps, the greedy sampler and the
+        greedy multi-step decode of every batch bucket. The steps compile several at once on the
+        compile threads, then each runs once. Returns the seconds it took."""
         t0 = time.perf_counter()
+        steps = list(self._warmup_steps())
+        jobs = [self._compiler.submit(self._compile, op, arrays, ()) for op, arrays, _ in steps]
+        if self.cfg.decode_steps > 1:
+            jobs += [
+                self._run_compile((b, p, True, False, False))
+                for b in self.cfg.decode_buckets
+                for p in self.page_buckets(is_decode=True)
+            ]
+        for job in jobs:
+            job.result()
+        for op, arrays, rows in steps:
+            self._device(op, arrays)
+            if op == _OP_DECODE:
+                self._sample(_OP_DECODE, rows, {r.seq_id: RowSpec(0.0) for r in rows})
+            else:
+                self._warm_prefill_sampler()
+        jax.block_until_ready(self.kv)
+        return time.perf_counter() - t0
+
+    def _warmup_steps(self):
+        """(op, arrays, rows) of one step of every reachable compiled shape."""
         ps, s_rows = self.cfg.page_size, self.cfg.max_prefill_seqs
         for p in self.page_buckets(is_decode=True):
             for b in self.cfg.decode_buckets:
                 rows = [_dummy_row(i, [0], [0] * p) for i in range(b)]
-                self._run_decode(rows)
-                self._sample(_OP_DECODE, rows, {i: RowSpec(0.0) for i in range(b)})
+                yield _OP_DECODE, self._decode_arrays(rows, b), rows
         for p in self.page_buckets(is_decode=False):
             table = [0] * p
             prev = 0
@@ -560,11 +783,8 @@ class Engine:
                 if n > prev:
                     sizes = [min(p * ps, n - k) for k in range(0, n, p * ps)]
                     rows = [_dummy_row(i, [0] * m, table) for i, m in enumerate(sizes)]
-                    self._run_prefill(rows, {})
-                    self._warm_prefill_sampler()
+                    yield _OP_PREFILL, self._prefill_arrays(rows, {})[:-1], rows
                 prev = t
-        jax.block_until_ready(self.kv)
-        return time.perf_counter() - t0
 
     def _warm_prefill_sampler(self) -> None:
         """A prefill step samples anywhere from 1 to max_prefill_seqs rows (more with n > 1
@@ -578,6 +798,14 @@ class Engine:
     @property
     def _sample_buckets(self) -> tuple[int, ...]:
         return self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,)
+
+
+def _logprob_map(token: int, logprob, top_ids, top_logprobs) -> dict[int, float]:
+    """{token: logprob} for the sampled token first, then the top ones not already in."""
+    out = {token: float(logprob)}
+    for t_id, t_lp in zip(top_ids, top_logprobs, strict=True):
+        out.setdefault(int(t_id), float(t_lp))
+    return out
 
 
 def _dummy_row(i: int, tokens: list[int], table: list[int]) -> ScheduledSeq:

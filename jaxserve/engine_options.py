@@ -14,6 +14,12 @@ SHARED_ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     ("--max-num-seqs", int, "most sequences in one batch"),
     ("--max-num-batched-tokens", int, "most tokens in one step"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
+    (
+        "--decode-steps",
+        int,
+        "decode iterations per device call while every sequence decodes (1: off; default: 8 "
+        "with a kernel attention backend, 1 on CPU)",
+    ),
     ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
     ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )

@@ -104,6 +104,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.decode_runs_total = 0  # multi-step decode calls
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -121,6 +122,7 @@ class LLMEngine:
         kv_memory_fraction: float = 0.85,
         attention_backend: str = "auto",
         enable_prefix_caching: bool = True,
+        decode_steps: int = 0,
         seed: int = 0,
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
@@ -158,6 +160,7 @@ class LLMEngine:
             max_model_len=max_len,
             attention_backend=attention_backend,
             enable_prefix_caching=enable_prefix_caching,
+            decode_steps=decode_steps,
         )
         return cls(lm, tokenizer, config, model_name=_model_name(path), seed=seed, mesh=mesh)
 
@@ -168,6 +171,7 @@ class LLMEngine:
             "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
             "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
             "enable_prefix_caching", "tensor_parallel_size", "expert_parallel_size",
+            "decode_steps",
         )  # fmt: skip
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         return cls.from_pretrained(args.model, **given)
@@ -295,6 +299,19 @@ class LLMEngine:
         """Run one iteration; return the new tokens/text of every request that advanced."""
         outputs = [self._output(r) for r in self._aborted]
         self._aborted = []
+        plan = self._schedule_run()
+        if plan is not None:
+            specs, _ = self._row_specs(plan)
+            run = self.engine.execute_run(plan, specs)
+            self.decode_runs_total += 1
+            updates = self.scheduler.update_run(plan, run.tokens)
+            logprobs = {sid: iter(lps) for sid, lps in run.logprobs.items()}
+            touched = {}
+            for u in updates:
+                lp = next(logprobs[u.seq_id]) if u.seq_id in logprobs else None
+                if (req := self._apply_update(u, lp)) is not None:
+                    touched[u.request_id] = req
+            return outputs + self._flush(touched.values())
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
@@ -313,39 +330,81 @@ class LLMEngine:
                 for pos, d in entries:
                     if pos < len(req.prompt_ids):
                         req.prompt_logprobs[pos] = d
-        now = time.time()
         touched: dict[str, _Request] = {}
         for u in updates:
-            req = self._requests[u.request_id]
-            self._seq_index[u.seq_id] = (u.request_id, u.index)
-            s = req.samples[u.index]
-            s.token_ids.append(u.token_id)
-            s.new_ids.append(u.token_id)
-            self.generation_tokens_total += 1
-            if u.seq_id in result.logprobs:
-                s.new_logprobs.append(result.logprobs[u.seq_id])
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            delta = s.detok.add([u.token_id]) if s.detok is not None else None
-            if delta is not None:
-                s.new_text += delta.text
-            if delta is not None and delta.stopped:
-                s.finish_reason, s.stop_reason = "stop", delta.stop_reason
-                if not u.finished:
-                    self.scheduler.finish_seq(u.seq_id, "stop", delta.stop_reason)
-            elif u.finished:
-                s.finish_reason, s.stop_reason = u.finish_reason, u.stop_reason
-                if s.detok is not None:
-                    tail = s.detok.flush()
-                    s.new_text += tail.text
-                    if tail.stopped:  # held-back text completed a stop string
-                        s.finish_reason, s.stop_reason = "stop", tail.stop_reason
-            if s.finish_reason is not None:
-                self._seq_index.pop(u.seq_id, None)
-            touched[u.request_id] = req
+            if (req := self._apply_update(u, result.logprobs.get(u.seq_id))) is not None:
+                touched[u.request_id] = req
         for req in self._advance_beams(plan, result.logprobs):
             touched[req.request_id] = req
-        for req in touched.values():
+        return outputs + self._flush(touched.values())
+
+    def _schedule_run(self) -> StepPlan | None:
+        """A multi-step decode plan when every request allows one (no beam search, penalties or
+        `min_tokens` still masking stop ids, which change from token to token) and the engine
+        has the run compiled; else None."""
+        if self.engine.cfg.decode_steps < 2 or not self._requests:
+            return None
+        kinds = []
+        for req in self._requests.values():
+            p = req.params
+            if (
+                p.use_beam_search
+                or p.uses_penalties
+                or any(len(s.token_ids) < p.min_tokens for s in req.samples)
+            ):
+                return None
+            kinds.append(
+                RowSpec(
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    want_logprobs=p.logprobs is not None,
+                )
+            )
+        return self.scheduler.schedule_decode_run(
+            self.engine.cfg.decode_steps,
+            lambda rows, context: self.engine.decode_run_ready(rows, context, kinds),
+        )
+
+    def _apply_update(self, u, logprobs: dict[int, float] | None) -> _Request | None:
+        """Apply one sampled token to its sample: text, stop strings, finish. Returns the
+        request, or None when the sample had already finished (a multi-step run's tokens after
+        a stop string)."""
+        req = self._requests.get(u.request_id)
+        s = None if req is None else req.samples[u.index]
+        if s is None or s.finish_reason is not None:
+            return None
+        self._seq_index[u.seq_id] = (u.request_id, u.index)
+        s.token_ids.append(u.token_id)
+        s.new_ids.append(u.token_id)
+        self.generation_tokens_total += 1
+        if logprobs is not None:
+            s.new_logprobs.append(logprobs)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.time()
+        delta = s.detok.add([u.token_id]) if s.detok is not None else None
+        if delta is not None:
+            s.new_text += delta.text
+        if delta is not None and delta.stopped:
+            s.finish_reason, s.stop_reason = "stop", delta.stop_reason
+            # In a multi-step run the scheduler may have ended it at a later token already.
+            if not u.finished and self.scheduler.is_live(u.seq_id):
+                self.scheduler.finish_seq(u.seq_id, "stop", delta.stop_reason)
+        elif u.finished:
+            s.finish_reason, s.stop_reason = u.finish_reason, u.stop_reason
+            if s.detok is not None:
+                tail = s.detok.flush()
+                s.new_text += tail.text
+                if tail.stopped:  # held-back text completed a stop string
+                    s.finish_reason, s.stop_reason = "stop", tail.stop_reason
+        if s.finish_reason is not None:
+            self._seq_index.pop(u.seq_id, None)
+        return req
+
+    def _flush(self, requests) -> list[RequestOutput]:
+        """The output deltas of the requests a step advanced; finished ones are let go."""
+        outputs = []
+        for req in requests:
             outputs.append(self._output(req))
             if req.finished:
                 del self._requests[req.request_id]
@@ -518,6 +577,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "decode_runs_total": self.decode_runs_total,
             # Tokens of admitted prompts and recomputes looked up in the prefix cache / found.
             "prefix_cache_queries_total": sched.prefix_cache_queries,
             "prefix_cache_hits_total": sched.prefix_cache_hits,

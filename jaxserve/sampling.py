@@ -113,12 +113,16 @@ class SamplingBatch:
             hist_is_output=is_out,
             banned_ids=banned,
         )
-        flags = dict(
-            all_greedy=all(x.temperature == 0.0 for x in rows),
-            need_sort=any(x.top_k > 0 or x.top_p < 1.0 for x in rows),
-            need_logprobs=any(x.want_logprobs for x in rows),
-        )
-        return batch, flags
+        return batch, sampler_flags(rows)
+
+
+def sampler_flags(rows: list[RowSpec]) -> dict[str, bool]:
+    """The static flags `sample` is compiled for, for a batch of these rows."""
+    return dict(
+        all_greedy=all(x.temperature == 0.0 for x in rows),
+        need_sort=any(x.top_k > 0 or x.top_p < 1.0 for x in rows),
+        need_logprobs=any(x.want_logprobs for x in rows),
+    )
 
 
 def apply_penalties(logits: jax.Array, b: SamplingBatch) -> jax.Array:

@@ -18,7 +18,13 @@ sequence that has been sampled keeps its token list as is and *awaits* the searc
 is not scheduled meanwhile; the search then continues it with `append_token`, branches it with
 `fork_seq` (pages shared copy-on-write) or drops it with `free_seq`.
 
-Protocol: `schedule()` and `update(plan, sampled)` alternate; `update` must see every non-empty plan
+Multi-step decoding (`schedule_decode_run(k)`): when every running sequence is plainly decoding
+and nothing waits, one plan covers up to k decode iterations per sequence, run by the engine in one
+device call that feeds each sampled token back on device; `update_run` then appends the tokens in
+order and applies the finish rules after each, dropping what a sequence sampled past its end.
+
+Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
+alternate; `update` must see every non-empty plan
 (with `{}` when it samples nothing). `add_request`, `abort_request` and `finish_seq` may be called
 at any point in between; the beam primitives after `update`, before the next `schedule()`.
 """
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,6 +59,9 @@ class ScheduledSeq:
     sample_seq_ids: list[int]
     # True for a prompt or recompute chunk, False for a decode.
     is_prefill: bool
+    # Decode iterations this row takes in a multi-step run (`schedule_decode_run`): it samples
+    # that many tokens, feeding each back as the next input; `block_table` covers them all.
+    num_steps: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,9 @@ class StepPlan:
     page_copies: list[tuple[int, int]]
     # One request id per sequence preempted this step.
     preempted: list[str]
+    # Decode iterations the device runs (> 1 only for a `schedule_decode_run` plan); each row
+    # keeps the tokens of its own `num_steps` and drops the rest.
+    num_steps: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +204,10 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def is_live(self, seq_id: int) -> bool:
+        """Whether sequence `seq_id` is still waiting or running."""
+        return seq_id in self._seqs
 
     def num_cached_tokens(self, request_id: str) -> int:
         """Prompt tokens the request's first admission took from the prefix cache (0 before)."""
@@ -398,6 +414,8 @@ class Scheduler:
             return []
         if plan is not self._pending_plan:
             raise ValueError("plan: not the plan returned by the last schedule()")
+        if plan.num_steps > 1:
+            raise ValueError("plan: a multi-step run; use update_run")
         targets = [
             self._seqs[sid]
             for row in (*plan.decode, *plan.prefill)
@@ -434,6 +452,111 @@ class Scheduler:
                     stop_reason=stop_reason,
                 )
             )
+        return updates
+
+    def schedule_decode_run(
+        self, num_steps: int, ready: Callable[[int, int], bool] | None = None
+    ) -> StepPlan | None:
+        """Plans `num_steps` decode iterations of every running sequence for one device call, or
+        returns None when a plain `schedule()` is due: a sequence waits, prefills, forks or is a
+        beam, no sequence has two steps left before its length limit, the pages for the run are
+        not free (a plain step then preempts as usual), or `ready(num_rows, context_len)` (the
+        engine: is such a run compiled?) says no. Each row takes the steps its limits
+        (`max_tokens`, `max_model_len`) leave, at most `num_steps`, and its table covers them;
+        its `num_computed` advances by them."""
+        if self._pending_plan is not None:
+            raise RuntimeError("update() the previous plan before scheduling the next step")
+        if self._waiting or not self._running:
+            return None
+        steps: list[int] = []
+        for seq in self._running:
+            request = seq.request
+            if (
+                seq.awaiting
+                or request.beam_width
+                or seq.pending_forks
+                or len(seq.token_ids) - seq.num_computed != 1
+            ):
+                return None
+            left = min(
+                request.max_tokens - seq.num_output_tokens,
+                self.max_model_len - len(seq.token_ids),
+            )
+            steps.append(max(1, min(num_steps, left)))
+        if max(steps) < 2:
+            return None
+        context = max(seq.num_computed + k for seq, k in zip(self._running, steps, strict=True))
+        if ready is not None and not ready(len(self._running), context):
+            return None
+        bm = self.block_manager
+        need = sum(
+            bm.pages_needed(seq.block_table, seq.num_computed, seq.num_computed + k)
+            for seq, k in zip(self._running, steps, strict=True)
+        )
+        if not bm.can_allocate(need):
+            return None
+        decode, copies = [], []
+        for seq, k in zip(self._running, steps, strict=True):
+            start = seq.num_computed
+            copies += bm.prepare_write(seq.block_table, start, start + k)
+            seq.num_computed += k
+            decode.append(
+                ScheduledSeq(
+                    seq_id=seq.seq_id,
+                    request_id=seq.request.request_id,
+                    token_ids=[seq.token_ids[-1]],
+                    start_pos=start,
+                    block_table=list(seq.block_table),
+                    sample_seq_ids=[seq.seq_id],
+                    is_prefill=False,
+                    num_steps=k,
+                )
+            )
+        plan = StepPlan(
+            decode=decode, prefill=[], page_copies=copies, preempted=[], num_steps=max(steps)
+        )
+        self._pending_plan = plan
+        return plan
+
+    def update_run(self, plan: StepPlan, sampled: dict[int, Sequence[int]]) -> list[SeqUpdate]:
+        """`update` for a `schedule_decode_run` plan: `sampled[seq_id]` holds the run's tokens in
+        order (at least the row's `num_steps`). Appends them one by one with the finish rules
+        after each; a sequence that finishes keeps no token after its last and no K/V past it.
+        Returns the updates in order, several per sequence."""
+        if plan is not self._pending_plan:
+            raise ValueError("plan: not the plan returned by the last schedule()")
+        rows = [row for row in plan.decode if row.seq_id in self._seqs]
+        short = [r.seq_id for r in rows if len(sampled.get(r.seq_id, ())) < r.num_steps]
+        if short:
+            raise ValueError(f"sampled: too few tokens for seq ids {short}")
+        self._pending_plan = None
+        updates = []
+        for row in rows:
+            seq = self._seqs[row.seq_id]
+            reason = None
+            for token in list(sampled[row.seq_id])[: row.num_steps]:
+                token = int(token)
+                seq.token_ids.append(token)
+                reason, stop_reason = self._check_finish(seq, token)
+                updates.append(
+                    SeqUpdate(
+                        seq_id=seq.seq_id,
+                        request_id=seq.request.request_id,
+                        index=seq.index,
+                        token_id=token,
+                        finished=reason is not None,
+                        finish_reason=reason,
+                        stop_reason=stop_reason,
+                    )
+                )
+                if reason is not None:
+                    break
+            # What was computed from tokens past a finish is not this sequence's K/V.
+            seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            if self.enable_prefix_caching:
+                self._register_full_pages(seq)
+            if reason is not None:
+                self._remove(seq)
         return updates
 
     def _schedule_row(self, seq: _Seq, num_new: int) -> tuple[ScheduledSeq, list[_Seq]]:

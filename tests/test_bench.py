@@ -234,13 +234,14 @@ def test_serving_figures_on_synthetic_timestamps():
 
 
 # ---- the modes end to end -----------------------------------------------------------------------
-def test_latency_mode(tmp_path):
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_latency_mode(tmp_path, decode_steps):
     batch, inp, out, iters = 2, 8, 6, 2
     d = run_cli(
         tmp_path,
         "latency",
         *("--batch-size", str(batch), "--input-len", str(inp), "--output-len", str(out)),
-        *("--num-iters", str(iters), "--warmup-iters", "1"),
+        *("--num-iters", str(iters), "--warmup-iters", "1", "--decode-steps", str(decode_steps)),
     )
     check_metadata(d, "latency")
     assert d["environment"]["device"]["count"] >= 1
@@ -251,6 +252,8 @@ def test_latency_mode(tmp_path):
         check_summary(r[key], n)
     # Both prompts fit one prefill step, so every later step decodes the whole batch.
     assert r["num_decode_steps"] == iters * (out - 1)
+    # Runs of 3 then of the 2 iterations left; one call per iteration without runs.
+    assert r["decode_calls"] == iters * (2 if decode_steps == 3 else out - 1)
     assert r["mean_decode_batch"] == batch
     assert r["mean_context_len"] == inp + out / 2
     assert r["tpot_ms"]["mean"] * (out - 1) == pytest.approx(r["decode_time_ms"]["mean"])

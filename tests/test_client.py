@@ -163,6 +163,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "dtype": None,
         "seed": None,
         "kv_memory_fraction": 0.5,
+        "decode_steps": None,
         "attention_backend": None,
         "enable_prefix_caching": None,
         "tensor_parallel_size": None,

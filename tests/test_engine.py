@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve import engine as engine_mod
 from jaxserve.engine import EngineConfig
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
@@ -196,14 +195,73 @@ def test_invalid_requests_name_the_field(tiny_model):
     assert not eng.has_unfinished_requests()
 
 
-def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
-    from jaxserve import sampling
+def count_compilations():
+    """A list that grows by one for every XLA compilation from now on."""
+    from jax._src import monitoring
 
+    compiled = []
+    monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_kw: (
+            compiled.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
+    return compiled
+
+
+def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
     model = tiny_model()
-    llm = make_llm(model, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32)
+    llm = make_llm(
+        model, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32, decode_steps=3
+    )
     llm.engine.warmup()
-    jitted = (engine_mod._decode_step, engine_mod._prefill_step, sampling.sample)
-    sizes = [f._cache_size() for f in jitted]
+    compiled = count_compilations()
     prompts = random_prompts(model.cfg.vocab_size, [3, 9, 14, 5, 11, 2, 7], seed=9)
     llm.generate(prompts, ids_params(temperature=0.0, max_tokens=12))
-    assert [f._cache_size() for f in jitted] == sizes
+    assert compiled == []
+    assert llm.engine.stats()["decode_runs_total"] > 0
+
+
+def test_multi_step_runs_equal_single_steps(tiny_model):
+    """Greedy and seeded sampling with logprobs, n > 1, stop ids and rows ending mid-run: the
+    same tokens, logprobs and finish reasons with runs of 4 as with one step per call."""
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [5, 17, 9, 12], seed=11)
+    greedy = ids_params(temperature=0.0, max_tokens=7)
+    free = make_llm(model).generate([prompts[2]], greedy)[0].outputs[0].token_ids
+    params = [
+        ids_params(temperature=0.0, max_tokens=13, logprobs=3),
+        ids_params(temperature=0.9, top_p=0.9, top_k=20, seed=5, max_tokens=10, n=2),
+        ids_params(temperature=0.0, max_tokens=7, stop_token_ids=[free[4]]),
+        ids_params(temperature=1.0, seed=8, max_tokens=3, logprobs=1),
+    ]
+    single = make_llm(model).generate(prompts, params)
+    llm = make_llm(model, decode_steps=4)
+    llm.generate(prompts, params)  # starts compiling the runs this batch needs
+    llm.engine.engine.finish_compiles()
+    runs = llm.generate(prompts, params)
+    stats = llm.engine.stats()
+    assert stats["decode_runs_total"] > 0 and stats["kv_used_tokens"] == 0
+    for a, b in zip(single, runs, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids
+            assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
+            for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
+                assert lx.keys() == ly.keys()
+                np.testing.assert_allclose(list(lx.values()), list(ly.values()), atol=1e-4)
+    assert runs[2].outputs[0].finish_reason == "stop"
+
+
+def test_penalties_and_min_tokens_take_single_steps(tiny_model):
+    model = tiny_model()
+    prompt = random_prompts(model.cfg.vocab_size, [6], seed=12)
+    llm = make_llm(model, decode_steps=4)
+    for params in (
+        ids_params(temperature=0.0, max_tokens=9, repetition_penalty=1.3),
+        ids_params(temperature=0.0, max_tokens=9, min_tokens=9, stop_token_ids=[1]),
+    ):
+        for _ in range(2):
+            llm.generate(prompt, params)
+            llm.engine.engine.finish_compiles()
+    assert llm.engine.stats()["decode_runs_total"] == 0

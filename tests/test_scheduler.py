@@ -50,8 +50,11 @@ def fake_logprobs(context: list[int]) -> dict[int, float]:
 class Harness:
     """Scheduler + fake engine + the client's view of every sequence's tokens."""
 
-    def __init__(self, sampler: Sampler = context_sampler, **config: int) -> None:
+    def __init__(
+        self, sampler: Sampler = context_sampler, decode_steps: int = 1, **config: int
+    ) -> None:
         self.sched = Scheduler(**config)
+        self.decode_steps = decode_steps  # > 1: try a multi-step run before every plain step
         bm = self.sched.block_manager
         self.page_size = bm.page_size
         self.pages: list[list[int | None]] = [[None] * bm.page_size for _ in range(bm.num_pages)]
@@ -154,20 +157,62 @@ class Harness:
                 sampled[sid] = self.sampler(sid, context)
         return sampled
 
+    def execute_run(self, plan: StepPlan) -> dict[int, list[int]]:
+        """A multi-step run as the device does it: each row writes its last token, samples from
+        the context read back, and feeds the sample in at the next position, `num_steps` times."""
+        assert not plan.prefill and plan.num_steps > 1
+        for src, dst in plan.page_copies:
+            self.pages[dst] = list(self.pages[src])
+        sampled = {}
+        for row in plan.decode:
+            assert 1 <= row.num_steps <= plan.num_steps and row.sample_seq_ids == [row.seq_id]
+            tokens = list(self.tokens(row.seq_id))
+            assert row.start_pos == len(tokens) - 1 and row.token_ids == tokens[-1:]
+            assert len(row.block_table) == -(-(row.start_pos + row.num_steps) // self.page_size)
+            assert 0 not in row.block_table
+            out = sampled[row.seq_id] = []
+            for pos in range(row.start_pos, row.start_pos + row.num_steps):
+                self.pages[row.block_table[pos // self.page_size]][pos % self.page_size] = tokens[
+                    pos
+                ]
+                context = [
+                    self.pages[row.block_table[p // self.page_size]][p % self.page_size]
+                    for p in range(pos + 1)
+                ]
+                assert context == tokens
+                out.append(self.sampler(row.seq_id, context))
+                tokens.append(out[-1])
+        return sampled
+
     def step(self, between: Callable[[], None] | None = None) -> tuple[StepPlan, list[SeqUpdate]]:
-        """One schedule → execute → update round; `between` runs after scheduling."""
-        plan = self.sched.schedule()
+        """One schedule → execute → update round (a multi-step run when the harness runs them and
+        the scheduler plans one); `between` runs after scheduling."""
+        plan = None
+        if self.decode_steps > 1:
+            plan = self.sched.schedule_decode_run(self.decode_steps)
+        if plan is not None:
+            runs = self.execute_run(plan)
+            if between is not None:
+                between()
+            updates = self.sched.update_run(plan, runs)
+        else:
+            plan = self.sched.schedule()
+            assert plan.num_tokens <= self.sched.max_num_batched_tokens
+            assert len(plan.prefill) <= self.sched.max_prefill_seqs
+            sampled = self.execute(plan)
+            if between is not None:
+                between()
+            updates = self.sched.update(plan, sampled)
         self.plans.append(plan)
-        assert plan.num_tokens <= self.sched.max_num_batched_tokens
-        assert len(plan.prefill) <= self.sched.max_prefill_seqs
-        sampled = self.execute(plan)
-        if between is not None:
-            between()
-        updates = self.sched.update(plan, sampled)
+        seen: dict[int, int] = {}
         for u in updates:
             assert u.seq_id not in self.finished
             self.outputs.setdefault(u.seq_id, []).append(u.token_id)
-            assert u.token_id == sampled[u.seq_id]
+            if plan.num_steps > 1:  # a run's updates give each row's tokens in order
+                assert u.token_id == runs[u.seq_id][seen.setdefault(u.seq_id, 0)]
+                seen[u.seq_id] += 1
+            else:
+                assert u.token_id == sampled[u.seq_id]
             assert self.indexes.setdefault(u.seq_id, u.index) == u.index
             assert u.request_id == self.seq_request[u.seq_id]
             if u.finished:
@@ -998,6 +1043,7 @@ op_st = st.one_of(
     spare_budget=st.integers(0, 12),
     max_prefill_seqs=st.integers(1, 3),
     enable_prefix_caching=st.booleans(),
+    decode_steps=st.sampled_from([1, 3]),
     initial=st.lists(request_st, min_size=1, max_size=6),
     ops=st.lists(op_st, max_size=30),
 )
@@ -1009,12 +1055,14 @@ def test_random_interleavings_never_leak_pages_and_terminate(
     spare_budget,
     max_prefill_seqs,
     enable_prefix_caching,
+    decode_steps,
     initial,
     ops,
 ):
     # From a cache that holds just one longest sequence (constant preemption) to a roomier one.
     num_pages = 1 + -(-max_model_len // page_size) + spare_pages
     h = Harness(
+        decode_steps=decode_steps,
         num_pages=num_pages,
         page_size=page_size,
         max_num_seqs=max_num_seqs,
@@ -1074,6 +1122,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         ("chunked", any(not r.sample_seq_ids for p in h.plans for r in p.prefill)),
         ("cache hit", h.sched.prefix_cache_hits),
         ("beam search", h.beam_results),
+        ("multi-step run", any(p.num_steps > 1 for p in h.plans)),
     ]:
         event(f"{name}: {bool(hit)}")
     for rid in added:
@@ -1084,3 +1133,82 @@ def test_random_interleavings_never_leak_pages_and_terminate(
             assert 1 <= len(toks) <= room
         for hyp in h.beam_results.get(rid, ()):
             assert 1 <= len(hyp.token_ids) <= room
+
+
+# --- multi-step decode runs --------------------------------------------------------------------
+
+
+def run_workload(decode_steps: int, **overrides: int) -> Harness:
+    h = Harness(decode_steps=decode_steps, **config(**overrides))
+    h.add("a", prompt(9, 1), max_tokens=23)
+    h.add("b", prompt(4, 2), max_tokens=5, n=2)
+    h.add("c", prompt(13, 3), max_tokens=40, eos_token_ids={7})
+    h.add("d", prompt(6, 4), max_tokens=30, stop_token_ids=[11, 12])
+    h.add("e", prompt(9, 1), max_tokens=17)  # shares "a"'s first two pages
+    h.run()
+    return h
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_pages=14), dict(enable_prefix_caching=False)])
+def test_multi_step_runs_give_the_outputs_of_single_steps(overrides):
+    single = run_workload(1, **overrides)
+    runs = run_workload(4, **overrides)
+    for rid in "abcde":
+        assert runs.outputs_of(rid) == single.outputs_of(rid)
+        for sid, u in runs.finished.items():
+            if runs.seq_request[sid] == rid:
+                twin = next(
+                    v
+                    for t, v in single.finished.items()
+                    if single.seq_request[t] == rid and single.indexes[t] == runs.indexes[sid]
+                )
+                assert (u.finish_reason, u.stop_reason) == (twin.finish_reason, twin.stop_reason)
+    run_plans = [p for p in runs.plans if p.num_steps > 1]
+    assert run_plans and len(runs.plans) < len(single.plans)
+    if not overrides:  # rows near their max_tokens take fewer steps than the run
+        assert any(r.num_steps < p.num_steps for p in run_plans for r in p.decode)
+
+
+def test_a_run_is_planned_only_when_every_sequence_plainly_decodes():
+    h = Harness(decode_steps=4, **config(max_num_batched_tokens=8))
+    h.add("a", prompt(3), max_tokens=20)
+    assert h.sched.schedule_decode_run(4) is None  # waiting
+    h.step()
+    h.add("b", prompt(20, 1), max_tokens=20)
+    assert h.sched.schedule_decode_run(4) is None  # "b" waits
+    h.step()  # "b" starts its prompt in chunks
+    assert h.sched.schedule_decode_run(4) is None  # "b" is mid-prefill
+    while h.sched._running[-1].is_prefilling:
+        h.step()
+    h.step()
+    asked = []
+    assert h.sched.schedule_decode_run(4, lambda n, ctx: asked.append((n, ctx)) and False) is None
+    lens = [len(h.tokens(sid)) for sid in h.live_seq_ids()]
+    assert asked == [(2, max(lens) - 1 + 4)]
+    plan = h.sched.schedule_decode_run(4, lambda n, ctx: True)
+    assert plan is not None and plan.num_steps == 4 and not plan.prefill
+    with pytest.raises(ValueError, match="update_run"):
+        h.sched.update(plan, {})
+    with pytest.raises(ValueError, match="too few tokens"):
+        h.sched.update_run(plan, {r.seq_id: [1] for r in plan.decode})
+    h.sched.update_run(plan, h.execute_run(plan))
+
+
+def test_a_run_stops_at_the_length_limits_and_waits_for_free_pages():
+    h = Harness(decode_steps=8, **config(max_model_len=16, num_pages=6))
+    h.add("a", prompt(10), max_tokens=6)
+    h.step()  # prefill, first token: 11 tokens, 5 output tokens left
+    plan = h.sched.schedule_decode_run(8)
+    assert [r.num_steps for r in plan.decode] == [5]
+    updates = h.sched.update_run(plan, h.execute_run(plan))
+    assert [u.finish_reason for u in updates] == [None] * 4 + ["length"]
+    assert not h.sched.has_unfinished()
+    # A 12-token prompt holds 3 pages of 4 after its first step; a run of 8 needs 2 more.
+    h = Harness(decode_steps=8, **config(max_model_len=32, num_pages=9))
+    h.add("b", prompt(12), max_tokens=10, ignore_eos=True)
+    h.step()
+    bm = h.sched.block_manager
+    held = bm.allocate(bm.num_free_pages - 1)
+    assert h.sched.schedule_decode_run(8) is None
+    bm.free(held[:1])
+    assert [r.num_steps for r in h.sched.schedule_decode_run(8).decode] == [8]

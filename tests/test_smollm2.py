@@ -8,6 +8,7 @@ import pytest
 
 from jaxserve import SamplingParams
 from jaxserve.llm import LLM
+from jaxserve.sampling import RowSpec
 from tests.conftest import FIXTURES
 
 REFERENCE = json.loads((FIXTURES / "smollm2" / "greedy.json").read_text())
@@ -15,7 +16,22 @@ REFERENCE = json.loads((FIXTURES / "smollm2" / "greedy.json").read_text())
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path) -> LLM:
-    return LLM(smollm2_path, max_num_seqs=8, max_model_len=256, num_pages=160, dtype="float32")
+    """Decodes in multi-step runs of 4 once prompts are in, as on a GPU: greedy runs of the
+    batch sizes below are compiled up front."""
+    llm = LLM(
+        smollm2_path,
+        max_num_seqs=8,
+        max_model_len=256,
+        num_pages=160,
+        dtype="float32",
+        decode_steps=4,
+    )
+    engine = llm.engine.engine
+    for rows in (3, 4):
+        for context in (64, 256):
+            engine.decode_run_ready(rows, context, [RowSpec(temperature=0.0)])
+    engine.finish_compiles()
+    return llm
 
 
 def test_chat_template_renders_like_transformers(llm):
@@ -34,6 +50,7 @@ def test_greedy_chat_equals_transformers(llm):
         assert comp.token_ids == case["output_token_ids"]
         assert comp.text == case["output_text"]
         assert comp.finish_reason == ("stop" if case["stopped_on_eos"] else "length")
+    assert llm.engine.stats()["decode_runs_total"] > 0
 
 
 def test_stop_strings_cut_the_text(llm):
@@ -52,7 +69,8 @@ def test_stop_strings_cut_the_text(llm):
     assert texts == ["The capital of France is ", "The capital of France is Paris", "The capital "]
     assert [o.outputs[0].stop_reason for o in outs] == ["Paris", "Paris", "of Fr"]
     assert all(o.outputs[0].finish_reason == "stop" for o in outs)
-    assert llm.engine.stats()["kv_used_tokens"] == 0
+    stats = llm.engine.stats()
+    assert stats["kv_used_tokens"] == 0 and stats["decode_runs_total"] > 0
 
 
 def test_text_prompt_and_sampled_generation(llm):

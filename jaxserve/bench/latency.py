@@ -244,11 +244,17 @@ class ModelCost:
 # ---- one batch ----------------------------------------------------------------------------------
 @dataclass
 class DecodeStep:
-    """A step in which every unfinished sequence of the batch decoded one token."""
+    """An engine step in which every unfinished sequence of the batch decoded: one token each,
+    or `iterations` of them in a multi-step run (`--decode-steps`)."""
 
     seconds: float
     batch: int
-    context_tokens: int  # attended positions, summed over the batch
+    context_tokens: int  # attended positions at its first iteration, summed over the batch
+    iterations: int = 1
+
+    def contexts(self) -> list[int]:
+        """The summed attended positions of each iteration (one more per sequence each time)."""
+        return [self.context_tokens + j * self.batch for j in range(self.iterations)]
 
 
 @dataclass
@@ -291,9 +297,11 @@ def run_batch(llm: Any, prompts: list[list[int]], params: Any, tag: str) -> Batc
         now = time.perf_counter()
         seconds, end = now - start, now - t0
         trace.num_steps += 1
+        iterations = 0
         for out in outputs:
             i = index[out.request_id]
             k = sum(len(c.token_ids) for c in out.outputs)
+            iterations = max(iterations, k)
             if k:
                 count[i] += k
                 if first[i] is None:
@@ -301,8 +309,8 @@ def run_batch(llm: Any, prompts: list[list[int]], params: Any, tag: str) -> Batc
                 last[i] = end
             done[i] = done[i] or out.finished
         trace.preemptions = llm.stats()["num_preemptions"] - preempted_before
-        if pure and running and trace.preemptions == 0:
-            trace.decode_steps.append(DecodeStep(seconds, len(running), context))
+        if pure and running and trace.preemptions == 0 and iterations:
+            trace.decode_steps.append(DecodeStep(seconds, len(running), context, iterations))
     if any(f is None for f in first):
         raise RuntimeError(f"{tag}: a request finished without producing a token")
     trace.first_token = [float(f) for f in first if f is not None]
@@ -333,10 +341,13 @@ def figures(
         for first, last, n in zip(t.first_token, t.last_token, t.output_tokens, strict=True)
         if n > 1
     ]
+    # Per decode iteration: a multi-step run's time is shared evenly by its iterations.
     steps = [s for t in traces for s in t.decode_steps]
+    iteration_s = [s.seconds / s.iterations for s in steps for _ in range(s.iterations)]
+    contexts = [(s.batch, c) for s in steps for c in s.contexts()]
     step_seconds = sum(s.seconds for s in steps)
-    step_bytes = sum(cost.decode_bytes(s.batch, s.context_tokens) for s in steps)
-    step_flops = sum(cost.decode_flops(s.batch, s.context_tokens) for s in steps)
+    step_bytes = sum(cost.decode_bytes(b, c) for b, c in contexts)
+    step_flops = sum(cost.decode_flops(b, c) for b, c in contexts)
     batch_prefill = [max(t.first_token) for t in traces]
     prefill_flops = sum(len(t.first_token) * cost.prefill_flops(input_len) for t in traces)
     tokens = sum(sum(t.output_tokens) for t in traces)
@@ -346,23 +357,24 @@ def figures(
     achieved_bw = report.ratio(step_bytes, step_seconds)
     decode_flop_s = report.ratio(step_flops, step_seconds)
     prefill_flop_s = report.ratio(prefill_flops, sum(batch_prefill))
-    decode_tokens = sum(s.batch for s in steps)
+    decode_tokens = sum(b for b, _ in contexts)
     return {
         "ttft_ms": report.summarize(ttft, 1e3),
         "batch_prefill_ms": report.summarize(batch_prefill, 1e3),
         "tpot_ms": report.summarize(tpot, 1e3),
         "decode_time_ms": report.summarize(decode_time, 1e3),
         "e2e_latency_ms": report.summarize([t.e2e for t in traces], 1e3),
-        "decode_step_ms": report.summarize([s.seconds for s in steps], 1e3),
-        "num_decode_steps": len(steps),
-        "decode_steps_per_batch": len(steps) / len(traces),
+        "decode_step_ms": report.summarize(iteration_s, 1e3),
+        "num_decode_steps": len(iteration_s),
+        "decode_calls": len(steps),
+        "decode_steps_per_batch": len(iteration_s) / len(traces),
         "steps_per_batch": sum(t.num_steps for t in traces) / len(traces),
         "output_tokens": tokens,
         "output_throughput_tok_s": report.ratio(tokens, e2e_total),
         "decode_throughput_tok_s": report.ratio(decode_tokens, step_seconds),
-        "mean_decode_batch": report.ratio(decode_tokens, len(steps)),
-        "mean_context_len": report.ratio(sum(s.context_tokens for s in steps), decode_tokens),
-        "decode_bytes_per_step": report.ratio(step_bytes, len(steps)),
+        "mean_decode_batch": report.ratio(decode_tokens, len(contexts)),
+        "mean_context_len": report.ratio(sum(c for _, c in contexts), decode_tokens),
+        "decode_bytes_per_step": report.ratio(step_bytes, len(contexts)),
         "decode_bandwidth_bytes_s": achieved_bw,
         "mbu": None if achieved_bw is None else achieved_bw / bandwidth,
         "decode_flop_s": decode_flop_s,
@@ -407,6 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for it in range(args.warmup_iters):
         batch(f"warmup{it}")
+    llm.engine.finish_compiles()  # multi-step variants the warm-up batches asked for
     with report.CompileCounter() as compiles:
         traces = [
             batch(f"it{it}")

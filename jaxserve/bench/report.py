@@ -179,6 +179,8 @@ def describe_engine(llm: Any) -> dict[str, Any]:
         "max_prefill_seqs": cfg.max_prefill_seqs,
         "max_model_len": cfg.max_model_len,
         "attention_backend": eng.backend,
+        "prefill_attention_backend": eng.prefill_backend,
+        "decode_steps": cfg.decode_steps,
         "decode_buckets": list(cfg.decode_buckets),
         "prefill_buckets": list(cfg.prefill_buckets),
         "page_buckets": list(cfg.page_buckets),
