@@ -82,7 +82,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85  # of free device memory after the weights
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    max_prefill_seqs: int = 8
+    max_prefill_seqs: int = 32  # sequences with prompt tokens in one step (a compiled shape)
     max_model_len: int = 4096
     attention_backend: str = "auto"
     # Decode iterations per device call when every running sequence is plainly decoding (see
@@ -431,14 +431,16 @@ class Engine:
         return tokens, positions, slots, tables, seq_lens, cu
 
     def _run_arrays(
-        self, rows: list[ScheduledSeq], specs: list[RowSpec]
+        self, rows: list[ScheduledSeq], specs: list[RowSpec], kinds: list[RowSpec]
     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
-        """The padded inputs and sampler flags of a multi-step run over `rows`."""
+        """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
+        of the sampler compiled for rows like `kinds` (a superset of theirs serves them too)."""
         b = pick(self.cfg.decode_buckets, len(rows))
         tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
-        batch, flags = SamplingBatch.build(specs, b)
+        batch, _ = SamplingBatch.build(specs, b)
+        flags = sampler_flags(kinds)
         sampling = tuple(getattr(batch, name) for name in _SAMPLING_FIELDS)
         arrays = (tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling)
         return arrays, tuple(int(flags[k]) for k in _SAMPLE_FLAGS)
@@ -517,9 +519,13 @@ class Engine:
             self._collect_prompt_logprobs(plan.prefill, prompt_targets, prompt_out, result)
         return result
 
-    def execute_run(self, plan: StepPlan, specs: dict[int, RowSpec]) -> RunResult:
+    def execute_run(
+        self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
+    ) -> RunResult:
         """Run a multi-step plan (`Scheduler.schedule_decode_run`): `decode_steps` decode
-        iterations in one device call; row i keeps its first `num_steps` tokens."""
+        iterations in one device call; row i keeps its first `num_steps` tokens. `kinds`: the
+        rows `decode_run_ready` was asked about, whose sampler variant to use (default: the
+        plan's own rows)."""
         rows = plan.decode
         if plan.prefill or plan.num_steps > self.cfg.decode_steps:
             raise ValueError(
@@ -528,7 +534,7 @@ class Engine:
         if plan.page_copies:
             self._copy(plan.page_copies)
         row_specs = [specs[r.seq_id] for r in rows]
-        arrays, flags = self._run_arrays(rows, row_specs)
+        arrays, flags = self._run_arrays(rows, row_specs, kinds or row_specs)
         out = jax.device_get(self._device(_OP_DECODE_RUN, arrays, flags))
         result = RunResult()
         for i, (r, spec) in enumerate(zip(rows, row_specs, strict=True)):
@@ -585,7 +591,7 @@ class Engine:
             top_k=1 if flags[1] else 0,
             want_logprobs=flags[2],
         )
-        arrays, _ = self._run_arrays(rows, [spec] * b)
+        arrays, _ = self._run_arrays(rows, [spec] * b, [spec])
         self._compile(_OP_DECODE_RUN, arrays, tuple(int(f) for f in flags))
 
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):

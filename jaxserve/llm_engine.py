@@ -117,7 +117,7 @@ class LLMEngine:
         num_pages: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
-        max_prefill_seqs: int = 8,
+        max_prefill_seqs: int = 32,
         max_model_len: int | None = None,
         kv_memory_fraction: float = 0.85,
         attention_backend: str = "auto",
@@ -299,10 +299,10 @@ class LLMEngine:
         """Run one iteration; return the new tokens/text of every request that advanced."""
         outputs = [self._output(r) for r in self._aborted]
         self._aborted = []
-        plan = self._schedule_run()
+        plan, kinds = self._schedule_run()
         if plan is not None:
             specs, _ = self._row_specs(plan)
-            run = self.engine.execute_run(plan, specs)
+            run = self.engine.execute_run(plan, specs, kinds)
             self.decode_runs_total += 1
             updates = self.scheduler.update_run(plan, run.tokens)
             logprobs = {sid: iter(lps) for sid, lps in run.logprobs.items()}
@@ -338,12 +338,12 @@ class LLMEngine:
             touched[req.request_id] = req
         return outputs + self._flush(touched.values())
 
-    def _schedule_run(self) -> StepPlan | None:
+    def _schedule_run(self) -> tuple[StepPlan | None, list[RowSpec]]:
         """A multi-step decode plan when every request allows one (no beam search, penalties or
         `min_tokens` still masking stop ids, which change from token to token) and the engine
-        has the run compiled; else None."""
+        has the run compiled for requests sampled like these (returned with it); else None."""
         if self.engine.cfg.decode_steps < 2 or not self._requests:
-            return None
+            return None, []
         kinds = []
         for req in self._requests.values():
             p = req.params
@@ -352,7 +352,7 @@ class LLMEngine:
                 or p.uses_penalties
                 or any(len(s.token_ids) < p.min_tokens for s in req.samples)
             ):
-                return None
+                return None, []
             kinds.append(
                 RowSpec(
                     temperature=p.temperature,
@@ -361,10 +361,11 @@ class LLMEngine:
                     want_logprobs=p.logprobs is not None,
                 )
             )
-        return self.scheduler.schedule_decode_run(
+        plan = self.scheduler.schedule_decode_run(
             self.engine.cfg.decode_steps,
             lambda rows, context: self.engine.decode_run_ready(rows, context, kinds),
         )
+        return plan, kinds
 
     def _apply_update(self, u, logprobs: dict[int, float] | None) -> _Request | None:
         """Apply one sampled token to its sample: text, stop strings, finish. Returns the

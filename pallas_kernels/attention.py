@@ -116,18 +116,16 @@ def _attention(
 def resolve_backend(backend: str) -> tuple[str, str]:
     """The (decode, prefill) backends for a configured name.
 
-    'auto': the Mosaic GPU decode kernel on Hopper GPUs (the reference elsewhere), and prefill on
-    the XLA path (`flash_attention.prefill_attention_xla`), which follows the real context length
-    with one compiled table width. The Mosaic prefill kernel is used when asked for by name
-    ('mosaic') until its fix for long padding tails (it hung on a packed 2048-token step of 8
-    prompts) has been run on a GPU. 'xla': reference decode, XLA prefill. 'reference': the
-    reference twins for both."""
+    'auto': the Mosaic GPU kernels for both on Hopper GPUs; elsewhere the reference decode and
+    the XLA prefill path (`flash_attention.prefill_attention_xla`), which follows the real
+    context length with one compiled table width. 'xla': reference decode, XLA prefill.
+    'reference' / 'mosaic': that backend for both."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "auto":
         dev = jax.devices()[0]
         hopper = dev.platform == "gpu" and paged_attention.mosaic_available(dev)
-        return ("mosaic" if hopper else "reference"), "xla"
+        return ("mosaic", "mosaic") if hopper else ("reference", "xla")
     if backend == "xla":
         return "reference", "xla"
     return backend, backend

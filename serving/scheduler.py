@@ -19,7 +19,7 @@ is not scheduled meanwhile; the search then continues it with `append_token`, br
 `fork_seq` (pages shared copy-on-write) or drops it with `free_seq`.
 
 Multi-step decoding (`schedule_decode_run(k)`): when every running sequence is plainly decoding
-and nothing waits, one plan covers up to k decode iterations per sequence, run by the engine in one
+and no waiting one has a batch slot to take, one plan covers up to k decode iterations per sequence, run by the engine in one
 device call that feeds each sampled token back on device; `update_run` then appends the tokens in
 order and applies the finish rules after each, dropping what a sequence sampled past its end.
 
@@ -158,7 +158,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
-        max_prefill_seqs: int = 8,
+        max_prefill_seqs: int = 32,
         enable_prefix_caching: bool = True,
     ) -> None:
         if max_num_seqs < 1:
@@ -458,15 +458,22 @@ class Scheduler:
         self, num_steps: int, ready: Callable[[int, int], bool] | None = None
     ) -> StepPlan | None:
         """Plans `num_steps` decode iterations of every running sequence for one device call, or
-        returns None when a plain `schedule()` is due: a sequence waits, prefills, forks or is a
-        beam, no sequence has two steps left before its length limit, the pages for the run are
+        returns None when a plain `schedule()` is due: a waiting sequence has a free batch slot,
+        a sequence prefills, forks or is a beam, no sequence has two steps left before its length limit, the pages for the run are
         not free (a plain step then preempts as usual), or `ready(num_rows, context_len)` (the
         engine: is such a run compiled?) says no. Each row takes the steps its limits
         (`max_tokens`, `max_model_len`) leave, at most `num_steps`, and its table covers them;
         its `num_computed` advances by them."""
         if self._pending_plan is not None:
             raise RuntimeError("update() the previous plan before scheduling the next step")
-        if self._waiting or not self._running:
+        if not self._running:
+            return None
+        # A waiting sequence that has a batch slot to go to is admitted by a plain step first;
+        # one that has none (all slots busy) waits for a sequence to finish either way.
+        first = next((s for s in self._waiting if not s.awaiting), None)
+        if first is not None and (
+            self._slots_in_use() + self._slots_to_admit(first) <= self.max_num_seqs
+        ):
             return None
         steps: list[int] = []
         for seq in self._running:

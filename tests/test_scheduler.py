@@ -1172,7 +1172,7 @@ def test_multi_step_runs_give_the_outputs_of_single_steps(overrides):
 def test_a_run_is_planned_only_when_every_sequence_plainly_decodes():
     h = Harness(decode_steps=4, **config(max_num_batched_tokens=8))
     h.add("a", prompt(3), max_tokens=20)
-    assert h.sched.schedule_decode_run(4) is None  # waiting
+    assert h.sched.schedule_decode_run(4) is None  # nothing runs yet
     h.step()
     h.add("b", prompt(20, 1), max_tokens=20)
     assert h.sched.schedule_decode_run(4) is None  # "b" waits
@@ -1212,3 +1212,18 @@ def test_a_run_stops_at_the_length_limits_and_waits_for_free_pages():
     assert h.sched.schedule_decode_run(8) is None
     bm.free(held[:1])
     assert [r.num_steps for r in h.sched.schedule_decode_run(8).decode] == [8]
+
+
+def test_runs_go_on_while_requests_wait_for_a_batch_slot():
+    h = Harness(decode_steps=4, **config(max_num_seqs=2))
+    for i in range(5):
+        h.add(f"r{i}", prompt(5, i), max_tokens=9)
+    h.run()
+    waits = [p for p in h.plans if p.num_steps > 1]
+    assert len(waits) >= 4
+    single = Harness(**config(max_num_seqs=2))
+    for i in range(5):
+        single.add(f"r{i}", prompt(5, i), max_tokens=9)
+    single.run()
+    for i in range(5):
+        assert h.outputs_of(f"r{i}") == single.outputs_of(f"r{i}")

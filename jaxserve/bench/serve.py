@@ -432,14 +432,16 @@ class ServerProcess:
         self._logdir = tempfile.TemporaryDirectory(prefix="jaxserve-bench-")
         self.log_path = Path(self._logdir.name) / "server.log"
         self._log = self.log_path.open("wb")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log_tail(self, lines: int = 30) -> str:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_until_serving(self, timeout: float) -> None:
-        """Poll health until SERVING; fail early (with the log) if the process exits."""
+    def wait_until_serving(self, timeout: float) -> float:
+        """Poll health until SERVING; fail early (with the log) if the process exits. Returns
+        the seconds from launch to SERVING (start-up: load, KV cache, warm-up compilation)."""
         import grpc
 
         from serving.client import Client
@@ -454,7 +456,7 @@ class ServerProcess:
                     )
                 try:
                     if client.health() == "SERVING":
-                        return
+                        return time.monotonic() - self.started
                 except grpc.RpcError:
                     pass  # not listening yet, or still warming up
                 if time.monotonic() > deadline:
@@ -487,12 +489,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.burstiness > 0:
         raise ValueError(f"burstiness: must be > 0, got {args.burstiness}")
     env = report.environment(init_device=False)
-    server = None
+    server, startup_s = None, None
     if args.target is None:
         server = ServerProcess(args)
     try:
         if server is not None:
-            server.wait_until_serving(args.server_timeout)
+            startup_s = server.wait_until_serving(args.server_timeout)
         body = asyncio.run(_bench(args, args.target or server.target))
     finally:
         if server is not None:
@@ -503,6 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": args.target,
             "started_by_bench": server is not None,
             "argv": None if server is None else server.argv[1:],
+            "startup_s": startup_s,
         },
         **body,
         "slo": args.slo,
@@ -561,6 +564,7 @@ def print_summary(result: dict[str, Any]) -> None:
         r = run_["results"]
         rows = [
             ("model", f"{info.get('model_name')} ({info.get('dtype')}) on {info.get('device')}"),
+            ("server start-up s", report.fmt(result["server"]["startup_s"])),
             ("workload", f"{w['num_requests']} requests, {w['distribution']}"),
             (
                 "request rate / burstiness",
