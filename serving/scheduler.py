@@ -364,12 +364,15 @@ class Scheduler:
         # Admitting while running sequences are being evicted would only evict them again.
         if not preempted:
             slots = self._slots_in_use()
+            computing: set[bytes] = set()  # full pages the prompts admitted below will compute
             while budget > 0 and len(prefill) < self.max_prefill_seqs:
                 # Awaiting beams (preempted after being sampled) need nothing until extended.
                 seq = next((s for s in self._waiting if not s.awaiting), None)
                 if seq is None:
                     break
                 prefix = self._cached_prefix(seq)
+                if self._computed_by_another(seq, len(prefix), computing):
+                    break  # next step it finds those pages cached instead of computing them too
                 start = len(prefix) * bm.page_size
                 num_new = min(len(seq.token_ids) - start, budget)
                 need_slots = self._slots_to_admit(seq)
@@ -396,6 +399,9 @@ class Scheduler:
                     self.prefix_cache_queries += len(seq.token_ids)
                     self.prefix_cache_hits += start
                 copies += bm.prepare_write(seq.block_table, start, start + num_new)
+                if self.enable_prefix_caching and request.reads_cache:
+                    full = (start + num_new) // bm.page_size
+                    computing.update(self._page_hashes(seq, full)[len(prefix) :])
                 row, children = self._schedule_row(seq, num_new)
                 prefill.append(row)
                 budget -= num_new
@@ -650,6 +656,17 @@ class Scheduler:
             return []
         max_pages = (len(seq.token_ids) - 1) // self.block_manager.page_size
         return self.block_manager.cached_prefix(self._page_hashes(seq, max_pages))
+
+    def _computed_by_another(self, seq: _Seq, num_cached: int, computing: set[bytes]) -> bool:
+        """Whether the first full page of a waiting sequence's tokens past its `num_cached`
+        cached ones is being computed this step by a prompt admitted before it (a shared system
+        prompt arriving in a burst): it then waits a step and attaches that page from the cache
+        rather than computing the same K/V twice."""
+        if not computing or not self.enable_prefix_caching or not seq.request.reads_cache:
+            return False
+        if (len(seq.token_ids) - 1) // self.block_manager.page_size <= num_cached:
+            return False  # no further full page it could take from the cache
+        return self._page_hashes(seq, num_cached + 1)[num_cached] in computing
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Offers the pages a step has just filled with computed K/V to the prefix cache."""

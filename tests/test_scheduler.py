@@ -1227,3 +1227,18 @@ def test_runs_go_on_while_requests_wait_for_a_batch_slot():
     single.run()
     for i in range(5):
         assert h.outputs_of(f"r{i}") == single.outputs_of(f"r{i}")
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once():
+    h = Harness(**config())
+    shared = prompt(12, 5)  # 3 full pages of 4
+    h.add("a", shared + [1, 2])
+    h.add("b", shared + [3])
+    h.add("c", prompt(6, 9))  # shares nothing, queued behind "b": FCFS holds it too
+    plan, _ = h.step()
+    assert [r.request_id for r in plan.prefill] == ["a"]
+    plan, _ = h.step()
+    rows = {r.request_id: r for r in plan.prefill}
+    assert rows["b"].start_pos == 12 and rows["c"].start_pos == 0
+    assert h.sched.num_cached_tokens("b") == 12
+    h.run()
