@@ -41,8 +41,10 @@ def gqa_model():
     return random_model(cfg, "bfloat16", seed=0)
 
 
-@pytest.mark.parametrize("backend", ["auto", "mosaic"])
-def test_kernel_engine_logprobs_match_reference_forward(backend):
+@pytest.mark.parametrize(("backend", "decode_steps"), [("auto", 1), ("mosaic", 1), ("auto", 4)])
+def test_kernel_engine_logprobs_match_reference_forward(backend, decode_steps):
+    """Every token of the kernel engine (single decode steps, or runs of 4 compiled ahead)
+    against a dense reference forward over the whole text."""
     model = gqa_model()
     cfg = EngineConfig(
         page_size=16,
@@ -51,14 +53,18 @@ def test_kernel_engine_logprobs_match_reference_forward(backend):
         max_num_batched_tokens=512,
         max_model_len=512,
         attention_backend=backend,
+        decode_steps=decode_steps,
     )
     llm = LLM.from_engine(LLMEngine(model, None, cfg))
+    if decode_steps > 1:
+        llm.engine.warmup()
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(0, 1024, n)] for n in (5, 37, 130, 200)]
     params = SamplingParams(
         temperature=0.0, max_tokens=24, logprobs=0, ignore_eos=True, detokenize=False
     )
     outs = llm.generate(prompts, params, use_tqdm=False)
+    assert (llm.engine.stats()["decode_runs_total"] > 0) == (decode_steps > 1)
     full = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs, strict=True)]
     for prompt, out, logits in zip(prompts, outs, full_forward(model, full, 16), strict=True):
         lsm = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
