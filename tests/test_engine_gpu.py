@@ -11,6 +11,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine import EngineConfig
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
+from jaxserve.sampling import RowSpec
 from jaxserve.sampling_params import SamplingParams
 from pallas_kernels.paged_attention import mosaic_available
 from tests.utils import full_forward
@@ -56,8 +57,9 @@ def test_kernel_engine_logprobs_match_reference_forward(backend, decode_steps):
         decode_steps=decode_steps,
     )
     llm = LLM.from_engine(LLMEngine(model, None, cfg))
-    if decode_steps > 1:
-        llm.engine.warmup()
+    if decode_steps > 1:  # compile the runs this batch samples with (greedy, logprobs) first
+        llm.engine.engine.decode_run_ready(4, 512, [RowSpec(0.0, want_logprobs=True)])
+        llm.engine.engine.finish_compiles()
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(0, 1024, n)] for n in (5, 37, 130, 200)]
     params = SamplingParams(
