@@ -9,6 +9,7 @@ offline `LLM` loop or the server's engine loop).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -105,6 +106,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.decode_runs_total = 0  # multi-step decode calls
+        _freeze_heap()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -542,7 +544,9 @@ class LLMEngine:
 
     # ---- introspection ------------------------------------------------------------------------
     def warmup(self) -> float:
-        return self.engine.warmup()
+        seconds = self.engine.warmup()
+        _freeze_heap()
+        return seconds
 
     def follow(self) -> None:
         """Processes other than 0 of a multi-process run: run process 0's steps (`Engine.follow`)."""
@@ -584,6 +588,14 @@ class LLMEngine:
             "prefix_cache_hits_total": sched.prefix_cache_hits,
             "prefix_cache_hit_rate": sched.prefix_cache_hits / max(sched.prefix_cache_queries, 1),
         }
+
+
+def _freeze_heap() -> None:
+    """Move every object alive now (modules, the model, compiled steps: ~250k objects) out of
+    the cyclic garbage collector's reach. Otherwise each full collection walks them all: with 256
+    sequences and one decode per call, 12 ms of every step went to collections (CPU profile)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _top(d: dict[int, float], chosen: int, k: int) -> dict[int, float]:
