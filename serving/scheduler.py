@@ -442,22 +442,9 @@ class Scheduler:
             if seq.request.beam_width:
                 seq.awaiting = True
                 continue
-            token = sampled[seq.seq_id]
-            seq.token_ids.append(token)
-            reason, stop_reason = self._check_finish(seq, token)
-            if reason is not None:
+            updates.append(self._append(seq, sampled[seq.seq_id]))
+            if updates[-1].finished:
                 self._remove(seq)
-            updates.append(
-                SeqUpdate(
-                    seq_id=seq.seq_id,
-                    request_id=seq.request.request_id,
-                    index=seq.index,
-                    token_id=token,
-                    finished=reason is not None,
-                    finish_reason=reason,
-                    stop_reason=stop_reason,
-                )
-            )
         return updates
 
     def schedule_decode_run(
@@ -546,29 +533,16 @@ class Scheduler:
         updates = []
         for row in rows:
             seq = self._seqs[row.seq_id]
-            reason = None
+            finished = False
             for token in list(sampled[row.seq_id])[: row.num_steps]:
-                token = int(token)
-                seq.token_ids.append(token)
-                reason, stop_reason = self._check_finish(seq, token)
-                updates.append(
-                    SeqUpdate(
-                        seq_id=seq.seq_id,
-                        request_id=seq.request.request_id,
-                        index=seq.index,
-                        token_id=token,
-                        finished=reason is not None,
-                        finish_reason=reason,
-                        stop_reason=stop_reason,
-                    )
-                )
-                if reason is not None:
+                updates.append(self._append(seq, int(token)))
+                if finished := updates[-1].finished:
                     break
             # What was computed from tokens past a finish is not this sequence's K/V.
             seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
             if self.enable_prefix_caching:
                 self._register_full_pages(seq)
-            if reason is not None:
+            if finished:
                 self._remove(seq)
         return updates
 
@@ -744,6 +718,21 @@ class Scheduler:
         request.seqs.remove(seq)
         if not request.seqs:
             del self._requests[request.request_id]
+
+    def _append(self, seq: _Seq, token: int) -> SeqUpdate:
+        """Appends a sampled token to a sequence and applies the finish rules (the caller
+        removes a finished sequence)."""
+        seq.token_ids.append(token)
+        reason, stop_reason = self._check_finish(seq, token)
+        return SeqUpdate(
+            seq_id=seq.seq_id,
+            request_id=seq.request.request_id,
+            index=seq.index,
+            token_id=token,
+            finished=reason is not None,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+        )
 
     def _check_finish(self, seq: _Seq, token: int) -> tuple[FinishReason | None, int | None]:
         """Stop beats length when both apply: the model did end the text. Stop tokens below
