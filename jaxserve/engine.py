@@ -48,6 +48,23 @@ _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingBatch))
 _SAMPLE_FLAGS = ("all_greedy", "need_sort", "need_logprobs")
 
 
+def _flag_ints(flags: dict[str, bool]) -> tuple[int, ...]:
+    """Sampler flags as the ints a device call carries (see `multihost.StepChannel`)."""
+    return tuple(int(flags[k]) for k in _SAMPLE_FLAGS)
+
+
+def _flag_kwargs(ints) -> dict[str, bool]:
+    return {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, ints, strict=True)}
+
+
+def _batch_arrays(batch: SamplingBatch) -> tuple[np.ndarray, ...]:
+    return tuple(getattr(batch, name) for name in _SAMPLING_FIELDS)
+
+
+def _batch_of(arrays) -> SamplingBatch:
+    return SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays, strict=True)))
+
+
 def geometric_upto(n: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
     """start, start*factor, ... below n, then n itself."""
     out, b = [], start
@@ -329,7 +346,6 @@ class Engine:
             thread_name_prefix="jaxserve-compile",
         )
         self._run_compiles: dict[tuple, concurrent.futures.Future] = {}
-        self._run_failed: set[tuple] = set()
         log.info("mesh: %s", self.mesh_summary())
         if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
             log.warning(
@@ -440,10 +456,8 @@ class Engine:
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
         batch, _ = SamplingBatch.build(specs, b)
-        flags = sampler_flags(kinds)
-        sampling = tuple(getattr(batch, name) for name in _SAMPLING_FIELDS)
-        arrays = (tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling)
-        return arrays, tuple(int(flags[k]) for k in _SAMPLE_FLAGS)
+        arrays = (tokens, positions, last_pos, slots, tables, seq_lens, cu, *_batch_arrays(batch))
+        return arrays, _flag_ints(sampler_flags(kinds))
 
     def _run_prefill(
         self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
@@ -562,14 +576,7 @@ class Engine:
             *(flags[k] for k in _SAMPLE_FLAGS),
         )
         future = self._run_compile(key)
-        if not future.done():
-            return False
-        if future.exception() is not None:
-            if key not in self._run_failed:
-                self._run_failed.add(key)
-                log.warning("multi-step decode %s failed to compile: %s", key, future.exception())
-            return False
-        return True
+        return future.done() and future.exception() is None
 
     def finish_compiles(self) -> None:
         """Wait for the multi-step variants compiling in the background (a benchmark calls this
@@ -581,7 +588,9 @@ class Engine:
         """The compilation of multi-step decode variant `key` (batch bucket, page bucket,
         *sampler flags), started on the compile threads if it was not yet."""
         if key not in self._run_compiles:
-            self._run_compiles[key] = self._compiler.submit(self._compile_run, *key)
+            future = self._compiler.submit(self._compile_run, *key)
+            future.add_done_callback(functools.partial(_log_compile_failure, key))
+            self._run_compiles[key] = future
         return self._run_compiles[key]
 
     def _compile_run(self, b: int, p: int, *flags: bool) -> None:
@@ -591,8 +600,7 @@ class Engine:
             top_k=1 if flags[1] else 0,
             want_logprobs=flags[2],
         )
-        arrays, _ = self._run_arrays(rows, [spec] * b, [spec])
-        self._compile(_OP_DECODE_RUN, arrays, tuple(int(f) for f in flags))
+        self._compile(_OP_DECODE_RUN, *self._run_arrays(rows, [spec] * b, [spec]))
 
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
         """Sample the rows of the last `source` (_OP_DECODE / _OP_PREFILL) step's logits."""
@@ -608,10 +616,8 @@ class Engine:
         batch, flags = SamplingBatch.build(row_specs, r)
         src_arr = np.zeros(r, np.int32)
         src_arr[: len(src)] = src
-        arrays = (src_arr, *(getattr(batch, name) for name in _SAMPLING_FIELDS))
-        out = jax.device_get(
-            self._device(_OP_SAMPLE, arrays, (source, *(int(flags[k]) for k in _SAMPLE_FLAGS)))
-        )
+        arrays = (src_arr, *_batch_arrays(batch))
+        out = jax.device_get(self._device(_OP_SAMPLE, arrays, (source, *_flag_ints(flags))))
         res = {}
         for i, sid in enumerate(sids):
             tok = int(out["tokens"][i])
@@ -683,16 +689,17 @@ class Engine:
         """The jitted function, positional and keyword arguments of a device call (not _OP_COPY).
         `kv` is the cache, or its shapes (`_kv_shapes`) to compile a step without running it."""
         if op == _OP_SAMPLE:
-            batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays[1:], strict=True)))
-            static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags[1:], strict=True)}
-            return sample, (self._logits[flags[0]], arrays[0], batch), static
+            args = (self._logits[flags[0]], arrays[0], _batch_of(arrays[1:]))
+            return sample, args, _flag_kwargs(flags[1:])
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
-            batch = SamplingBatch(**dict(zip(_SAMPLING_FIELDS, sampling, strict=True)))
-            static = {k: bool(v) for k, v in zip(_SAMPLE_FLAGS, flags, strict=True)}
-            args = (self._mdef, self._params, kv, tokens, positions, last_pos, meta, batch)
-            return _decode_run, (*args, self.cfg.decode_steps), static
+            args = (self._mdef, self._params, kv, tokens, positions, last_pos, meta)
+            return (
+                _decode_run,
+                (*args, _batch_of(sampling), self.cfg.decode_steps),
+                _flag_kwargs(flags),
+            )
         tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
         meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
         fn = {
@@ -804,6 +811,11 @@ class Engine:
     @property
     def _sample_buckets(self) -> tuple[int, ...]:
         return self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,)
+
+
+def _log_compile_failure(key: tuple, future: concurrent.futures.Future) -> None:
+    if future.exception() is not None:
+        log.warning("multi-step decode %s failed to compile: %s", key, future.exception())
 
 
 def _logprob_map(token: int, logprob, top_ids, top_logprobs) -> dict[int, float]:

@@ -31,7 +31,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
 from models import CausalLM
 from serving.detokenizer import IncrementalDetokenizer
-from serving.scheduler import Scheduler, StepPlan
+from serving.scheduler import Scheduler, SeqUpdate, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +307,9 @@ class LLMEngine:
             run = self.engine.execute_run(plan, specs, kinds)
             self.decode_runs_total += 1
             updates = self.scheduler.update_run(plan, run.tokens)
-            logprobs = {sid: iter(lps) for sid, lps in run.logprobs.items()}
-            touched = {}
-            for u in updates:
-                lp = next(logprobs[u.seq_id]) if u.seq_id in logprobs else None
-                if (req := self._apply_update(u, lp)) is not None:
-                    touched[u.request_id] = req
-            return outputs + self._flush(touched.values())
+            per_seq = {sid: iter(lps) for sid, lps in run.logprobs.items()}
+            logprobs = [next(per_seq[u.seq_id]) if u.seq_id in per_seq else None for u in updates]
+            return outputs + self._flush(self._apply_updates(updates, logprobs).values())
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
@@ -332,10 +328,7 @@ class LLMEngine:
                 for pos, d in entries:
                     if pos < len(req.prompt_ids):
                         req.prompt_logprobs[pos] = d
-        touched: dict[str, _Request] = {}
-        for u in updates:
-            if (req := self._apply_update(u, result.logprobs.get(u.seq_id))) is not None:
-                touched[u.request_id] = req
+        touched = self._apply_updates(updates, [result.logprobs.get(u.seq_id) for u in updates])
         for req in self._advance_beams(plan, result.logprobs):
             touched[req.request_id] = req
         return outputs + self._flush(touched.values())
@@ -346,30 +339,44 @@ class LLMEngine:
         has the run compiled for requests sampled like these (returned with it); else None."""
         if self.engine.cfg.decode_steps < 2 or not self._requests:
             return None, []
-        kinds = []
-        for req in self._requests.values():
-            p = req.params
-            if (
-                p.use_beam_search
-                or p.uses_penalties
-                or any(len(s.token_ids) < p.min_tokens for s in req.samples)
-            ):
-                return None, []
-            kinds.append(
-                RowSpec(
-                    temperature=p.temperature,
-                    top_k=p.top_k,
-                    top_p=p.top_p,
-                    want_logprobs=p.logprobs is not None,
+        kinds: list[RowSpec] = []
+
+        def ready(rows: int, context: int) -> bool:
+            # Asked only once the scheduler's own conditions hold: the per-request walk stays
+            # off the steps that could never be runs.
+            for req in self._requests.values():
+                p = req.params
+                if (
+                    p.use_beam_search
+                    or p.uses_penalties
+                    or any(len(s.token_ids) < p.min_tokens for s in req.samples)
+                ):
+                    return False
+                kinds.append(
+                    RowSpec(
+                        temperature=p.temperature,
+                        top_k=p.top_k,
+                        top_p=p.top_p,
+                        want_logprobs=p.logprobs is not None,
+                    )
                 )
-            )
-        plan = self.scheduler.schedule_decode_run(
-            self.engine.cfg.decode_steps,
-            lambda rows, context: self.engine.decode_run_ready(rows, context, kinds),
-        )
+            return self.engine.decode_run_ready(rows, context, kinds)
+
+        plan = self.scheduler.schedule_decode_run(self.engine.cfg.decode_steps, ready)
         return plan, kinds
 
-    def _apply_update(self, u, logprobs: dict[int, float] | None) -> _Request | None:
+    def _apply_updates(
+        self, updates: list[SeqUpdate], logprobs: list[dict[int, float] | None]
+    ) -> dict[str, _Request]:
+        """Apply sampled tokens in order (`logprobs[i]` goes with `updates[i]`); returns the
+        requests that advanced, by id."""
+        touched: dict[str, _Request] = {}
+        for u, lp in zip(updates, logprobs, strict=True):
+            if (req := self._apply_update(u, lp)) is not None:
+                touched[u.request_id] = req
+        return touched
+
+    def _apply_update(self, u: SeqUpdate, logprobs: dict[int, float] | None) -> _Request | None:
         """Apply one sampled token to its sample: text, stop strings, finish. Returns the
         request, or None when the sample had already finished (a multi-step run's tokens after
         a stop string)."""
