@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import models
-from jaxserve import multihost, sharding
+from jaxserve import compile_cache, multihost, sharding
 from jaxserve.config import ModelConfig
 from jaxserve.sampling import RowSpec, SamplingBatch, sample, sampler_flags
 from models import CausalLM, KVCache
@@ -75,16 +75,6 @@ def geometric_upto(n: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
     return tuple(out)
 
 
-def enable_compilation_cache(directory: str | None) -> None:
-    """Turn on JAX's persistent compilation cache so a restart skips recompiling the buckets."""
-    if not directory:
-        return
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def pick(buckets: tuple[int, ...], n: int) -> int:
     for b in buckets:
         if b >= n:
@@ -114,12 +104,8 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = ()
     prefill_buckets: tuple[int, ...] = ()
     page_buckets: tuple[int, ...] = ()
-    compilation_cache_dir: str | None = field(
-        default_factory=lambda: os.environ.get(
-            "JAXSERVE_COMPILATION_CACHE",
-            os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"),
-        )
-    )
+    # JAX's compilation cache and the engine's executable store (`jaxserve.compile_cache`).
+    compilation_cache_dir: str | None = field(default_factory=compile_cache.default_directory)
 
     def validate(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -189,19 +175,16 @@ def _forward(mdef: ModelDef, params, kv, tokens, positions, meta):
     return model, h, sharding.constrain_kv(kv)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _decode_step(mdef, params, kv, tokens, positions, meta):
     model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
     return model.logits(h), kv
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _prefill_step(mdef, params, kv, tokens, positions, meta, last_idx):
     model, h, kv = _forward(mdef, params, kv, tokens, positions, meta)
     return model.logits(h[last_idx]), kv
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _prefill_step_with_prompt_logprobs(
     mdef, params, kv, tokens, positions, meta, last_idx, targets
 ):
@@ -214,11 +197,8 @@ def _prefill_step_with_prompt_logprobs(
     return model.logits(h[last_idx]), kv, target_lp, top_ids, top_lp
 
 
-@functools.partial(
-    jax.jit, static_argnums=(0, 8), static_argnames=_SAMPLE_FLAGS, donate_argnums=(2,)
-)
 def _decode_run(
-    mdef, params, kv, tokens, positions, last_pos, meta, batch, num_steps, **sample_flags
+    mdef, num_steps, sample_flags, params, kv, tokens, positions, last_pos, meta, batch
 ):
     """`num_steps` decode iterations in one call. Each samples every row's next token on device
     and feeds it back as the row's next input at the next position; the slot each writes comes
@@ -247,7 +227,6 @@ def _decode_run(
     return outs, kv
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(kv, src, dst):
     return sharding.constrain_kv(
         [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv]
@@ -289,7 +268,7 @@ class Engine:
         num_pages = cfg.num_pages or multihost.agree_min(self._pages_from_memory(cfg))
         if num_pages < 2:
             raise ValueError(f"num_pages: need at least 2 (page 0 is reserved), got {num_pages}")
-        enable_compilation_cache(cfg.compilation_cache_dir)
+        compile_cache.enable(cfg.compilation_cache_dir)
         on_cpu = jax.devices()[0].platform == "cpu"
         factor = 4 if on_cpu else 2
         page_buckets = cfg.page_buckets or geometric_upto(max_pages_per_seq, 4, factor)
@@ -346,11 +325,25 @@ class Engine:
             thread_name_prefix="jaxserve-compile",
         )
         self._run_compiles: dict[tuple, concurrent.futures.Future] = {}
+        # Every device call runs a compiled executable from here, keyed by its shapes; a warm
+        # restart loads them from the store instead of tracing and compiling them again.
+        self._executables: dict[tuple, jax.stages.Compiled] = {}
+        self._store = compile_cache.ExecutableStore(
+            None if self._channel is not None else cfg.compilation_cache_dir,
+            compile_cache.fingerprint(self._program_parts()),
+        )
         log.info("mesh: %s", self.mesh_summary())
         if mesh is not None and (whole := sharding.replicated_dims(self.model_config, mesh.shape)):
             log.warning(
                 "not divisible by the tensor axis, so on every device: %s", ", ".join(whole)
             )
+
+    def _program_parts(self) -> tuple:
+        """What, besides a call's shapes, decides the compiled programs of this engine."""
+        params = tuple((p.shape, p.dtype, p.sharding) for p in self._params)
+        kv = (self._kv_shape, self.kv_dtype, self._kv_sharding)
+        cfg = dataclasses.replace(self.cfg, compilation_cache_dir=None)
+        return (cfg, self.model_config, self._mdef.state_def, params, kv, self.mesh)
 
     # ---- sizing -------------------------------------------------------------------------------
     def _bytes_per_page(self, page_size: int) -> int:
@@ -667,39 +660,54 @@ class Engine:
         return self._run_call(op, arrays, flags)
 
     def _run_call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]):
-        # Host arrays go in as they are: jit places them replicated over the mesh.
+        # Host arrays go in as they are: the executable places them replicated over the mesh.
         with self._mesh_context():
+            exe, args = self._executable(op, arrays, flags, self.kv)
             if op == _OP_COPY:
-                self.kv = _copy_pages(self.kv, *arrays)
+                self.kv = exe(*args)
                 return None
-            fn, args, kwargs = self._call(op, arrays, flags, self.kv)
             if op == _OP_SAMPLE:
-                return self._readable(fn(*args, **kwargs))
+                return self._readable(exe(*args))
             if op == _OP_DECODE_RUN:
-                out, self.kv = fn(*args, **kwargs)
+                out, self.kv = exe(*args)
                 return self._readable(out)
             if op in (_OP_DECODE, _OP_PREFILL):
-                self._logits[op], self.kv = fn(*args, **kwargs)
+                self._logits[op], self.kv = exe(*args)
                 return None
-            logits, self.kv, tlp, top_ids, top_lp = fn(*args, **kwargs)
+            logits, self.kv, tlp, top_ids, top_lp = exe(*args)
             self._logits[_OP_PREFILL] = logits
             return self._readable({"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp})
 
-    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
-        """The jitted function, positional and keyword arguments of a device call (not _OP_COPY).
-        `kv` is the cache, or its shapes (`_kv_shapes`) to compile a step without running it."""
+    def _executable(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
+        """The compiled device call for these argument shapes (compiled, or loaded from the
+        executable store, on first use) and its arguments. `kv` is the cache, or its shapes
+        (`_kv_shapes`) to compile a call without running it."""
+        key = (op, flags, *((a.shape, a.dtype.char) for a in arrays))
         if op == _OP_SAMPLE:
-            args = (self._logits[flags[0]], arrays[0], _batch_of(arrays[1:]))
-            return sample, args, _flag_kwargs(flags[1:])
+            key += (self._logits[flags[0]].shape,)
+        fn, donate, args = self._call(op, arrays, flags, kv)
+        exe = self._executables.get(key)
+        if exe is None:
+            jitted = jax.jit(fn, donate_argnums=donate)
+            exe = self._executables[key] = self._store.compile(key, jitted, args)
+        return exe, args
+
+    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
+        """The function of a device call with its static parts bound, the indices of the
+        arguments it donates (the KV cache) and its arguments."""
+        if op == _OP_COPY:
+            return _copy_pages, (0,), (kv, *arrays)
+        if op == _OP_SAMPLE:
+            fn = functools.partial(sample, **_flag_kwargs(flags[1:]))
+            return fn, (), (self._logits[flags[0]], arrays[0], _batch_of(arrays[1:]))
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
-            args = (self._mdef, self._params, kv, tokens, positions, last_pos, meta)
-            return (
-                _decode_run,
-                (*args, _batch_of(sampling), self.cfg.decode_steps),
-                _flag_kwargs(flags),
+            fn = functools.partial(
+                _decode_run, self._mdef, self.cfg.decode_steps, _flag_kwargs(flags)
             )
+            args = (self._params, kv, tokens, positions, last_pos, meta, _batch_of(sampling))
+            return fn, (1,), args
         tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
         meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
         fn = {
@@ -707,16 +715,16 @@ class Engine:
             _OP_PREFILL: _prefill_step,
             _OP_PREFILL_LOGPROBS: _prefill_step_with_prompt_logprobs,
         }[op]
-        return fn, (self._mdef, self._params, kv, tokens, positions, meta, *rest), {}
+        args = (self._params, kv, tokens, positions, meta, *rest)
+        return functools.partial(fn, self._mdef), (1,), args
 
     def _compile(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]) -> None:
-        """Compile a device call without running it (any thread); a later call with the same
-        shapes finds it in jit's cache."""
+        """Compile a device call without running it (any thread); later calls with the same
+        shapes use it."""
         if self._channel is not None:
             return  # every process must compile in step; they do so on the call itself
         with self._mesh_context():
-            fn, args, kwargs = self._call(op, arrays, flags, self._kv_shapes())
-            fn.lower(*args, **kwargs).compile()
+            self._executable(op, arrays, flags, self._kv_shapes())
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)

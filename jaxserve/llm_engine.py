@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import models
-from jaxserve import sharding
+from jaxserve import compile_cache, sharding
 from jaxserve.beam_search import BeamSearch
 from jaxserve.engine import Engine, EngineConfig
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -140,6 +140,7 @@ class LLMEngine:
 
         path = resolve_model(None if model is None else str(model))
         jdtype = resolve_dtype(dtype)
+        compile_cache.enable(compile_cache.default_directory())  # loading compiles too
         mesh, shardings = None, None
         if tensor_parallel_size * expert_parallel_size > 1 or jax.process_count() > 1:
             mesh = sharding.make_mesh(tensor_parallel_size, expert_parallel_size)

@@ -10,6 +10,7 @@ Face tensor names to this module's parameters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -117,7 +118,8 @@ class CausalLM(nnx.Module):
         x = self.embed_tokens[...][tokens]
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache, strict=True):
-            x, kv = layer(x, positions, inv_freq, kv, meta)
+            graphdef, state = nnx.split(layer)
+            x, kv = _apply_layer(graphdef, state, x, positions, inv_freq, kv, meta)
             new_cache.append(kv)
         return self.norm(x), new_cache
 
@@ -125,6 +127,14 @@ class CausalLM(nnx.Module):
         """[N, D] hidden states → [N, vocab] float32 logits."""
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _apply_layer(graphdef, state, x, positions, inv_freq, kv, meta):
+    """One decoder layer as its own jitted function: every layer of a kind (same definition and
+    shapes) then shares one trace and one lowered function, so compiling a step costs about one
+    layer's tracing instead of `num_layers`; XLA inlines the calls, so the program is the same."""
+    return nnx.merge(graphdef, state)(x, positions, inv_freq, kv, meta)
 
 
 @dataclass(frozen=True)

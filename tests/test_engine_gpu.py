@@ -76,3 +76,34 @@ def test_kernel_engine_logprobs_match_reference_forward(backend, decode_steps):
             assert abs(lp[tok] - ref[tok]) < 0.15
             # The engine's greedy pick is (within bf16 noise) the reference's best token.
             assert ref[tok] >= ref.max() - 0.15
+
+
+def test_restart_loads_every_executable_and_generates_the_same(tmp_path):
+    """A second engine of the same model and configuration (a restart) loads all its compiled
+    calls from the executable store, compiles none, and generates the same tokens."""
+    cfg = EngineConfig(
+        page_size=16,
+        num_pages=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        max_model_len=256,
+        decode_steps=4,
+        compilation_cache_dir=str(tmp_path),
+    )
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(0, 1024, n)] for n in (3, 40, 150)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False)
+    outs, stores = [], []
+    for _ in range(2):
+        engine = LLMEngine(gqa_model(), None, cfg)
+        engine.warmup()
+        outs.append(
+            [
+                o.outputs[0].token_ids
+                for o in LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+            ]
+        )
+        stores.append(engine.engine._store)
+    assert stores[0].compiled > 0 and stores[0].loaded == 0
+    assert stores[1].compiled == 0 and stores[1].loaded == stores[0].compiled
+    assert outs[0] == outs[1]

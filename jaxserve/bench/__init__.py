@@ -251,6 +251,7 @@ def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngi
             )
         return llm
 
+    from jaxserve import compile_cache
     from jaxserve.checkpoint import random_model
     from jaxserve.engine import EngineConfig
     from jaxserve.llm_engine import resolve_dtype
@@ -280,6 +281,7 @@ def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngi
         # As `from_pretrained` does: each device initialises only its own shards.
         mesh = sharding.make_mesh(tp, ep)
         shardings = models.param_shardings(cfg, dtype, mesh)
+    compile_cache.enable(compile_cache.default_directory())  # the weights' init compiles too
     model = random_model(cfg, dtype, seed=args.seed, shardings=shardings)
     return LLMEngine(
         model, None, EngineConfig(**given), model_name=model_label(args), seed=args.seed, mesh=mesh

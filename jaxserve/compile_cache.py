@@ -1,0 +1,163 @@
+"""Compiled device calls kept across restarts.
+
+Two layers, both under one directory (`EngineConfig.compilation_cache_dir`):
+- JAX's persistent compilation cache (`enable`): a restart that traces and lowers a program again
+  finds XLA's compiled binary on disk instead of compiling it.
+- `ExecutableStore`: the engine's own store of whole compiled executables, serialized after
+  compiling and loaded by key on the next start, so a warm restart neither traces, lowers nor
+  compiles. An executable's key is its device call (operation, static flags, argument shapes); the
+  store's `fingerprint` covers everything else baked into the program (versions, device, model,
+  engine configuration, XLA flags and this project's source), and each fingerprint has its own
+  folder, so a stale executable is never loaded.
+
+The store is used on GPUs only: XLA's CPU executables do not reliably survive serialization (a
+reloaded one can miss its fused functions), and on the CPU a step compiles in about a second.
+
+Loading deserializes with pickle, like JAX's own executable serialization: the directory must be
+as trusted as the code (it is the user's cache, written by this engine).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jaxlib
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+EXECUTABLES_DIR = "executables"
+# The packages whose code ends up in compiled programs: any change to them starts a new folder.
+_SOURCE_PACKAGES = ("jaxserve", "models", "pallas_kernels")
+# Where the store keeps executables (see the module docstring for why not on the CPU).
+_STORE_PLATFORMS = ("gpu", "cuda", "rocm")
+# JAX options that change how a traced program lowers.
+_JAX_OPTIONS = (
+    "jax_default_matmul_precision",
+    "jax_enable_x64",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+)
+
+
+def default_directory() -> str:
+    """$JAXSERVE_COMPILATION_CACHE, else ~/.cache/jaxserve/xla."""
+    return os.environ.get(
+        "JAXSERVE_COMPILATION_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"),
+    )
+
+
+def enable(directory: str | None) -> None:
+    """Turn on JAX's persistent compilation cache in `directory` (nothing when empty). Every
+    compilation is kept, small ones included: a restart then reloads them all."""
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of this project's Python sources (the packages that build compiled programs)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in _SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(parts: Iterable[object]) -> str:
+    """A digest of `parts` (their reprs) plus the versions, device, XLA flags and sources that
+    decide what a compiled program is."""
+    dev = jax.devices()[0]
+    h = hashlib.sha256()
+    for part in (
+        jax.__version__,
+        jaxlib.__version__,
+        dev.platform,
+        dev.device_kind,
+        dev.client.platform_version,
+        jax.device_count(),
+        os.environ.get("XLA_FLAGS", ""),
+        source_digest(),
+        *(getattr(jax.config, name) for name in _JAX_OPTIONS),
+        *parts,
+    ):
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class ExecutableStore:
+    """Compiles device calls, keeping each compiled executable on disk under its key.
+
+    `directory=None`, or a platform other than a GPU, keeps nothing (each start compiles). Counters `loaded` / `compiled` say how
+    many executables came from disk and how many were compiled, for logs and tests."""
+
+    def __init__(self, directory: str | None, fingerprint: str):
+        keep = directory and jax.devices()[0].platform in _STORE_PLATFORMS
+        self.path = Path(directory) / EXECUTABLES_DIR / fingerprint[:24] if keep else None
+        self.loaded = 0
+        self.compiled = 0
+        self._lock = threading.Lock()
+
+    def compile(self, key: tuple, jitted, args: tuple) -> jax.stages.Compiled:
+        """The executable of `jitted(*args)` (arrays or `jax.ShapeDtypeStruct`s), loaded from
+        disk when this store has it, else compiled and saved."""
+        file = self._file(key)
+        if file is not None and file.exists():
+            try:
+                compiled = _load(file)
+            except Exception as e:  # noqa: BLE001 - a bad file is recompiled and replaced
+                log.warning("recompiling %s: its stored executable did not load (%r)", key, e)
+            else:
+                with self._lock:
+                    self.loaded += 1
+                return compiled
+        compiled = jitted.trace(*args).lower().compile()
+        with self._lock:
+            self.compiled += 1
+        if file is not None:
+            try:
+                _save(file, compiled)
+            except Exception as e:  # noqa: BLE001 - serving goes on; the next start compiles
+                log.warning("could not store the executable of %s: %r", key, e)
+        return compiled
+
+    def _file(self, key: tuple) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".exe")
+
+
+def _load(file: Path) -> jax.stages.Compiled:
+    blob, in_tree, out_tree = pickle.loads(file.read_bytes())
+    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+
+
+def _save(file: Path, compiled: jax.stages.Compiled) -> None:
+    data = pickle.dumps(serialize_executable.serialize(compiled))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole, then renamed: a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, file)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,94 @@
+"""The executable store: compiled device calls saved after compiling, loaded on the next start."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import compile_cache
+from jaxserve.compile_cache import ExecutableStore, fingerprint
+
+
+def f(x, idx):
+    return jnp.take(x, idx, axis=0) * 2.0 + 1.0
+
+
+X = np.arange(64, dtype=np.float32).reshape(16, 4)
+IDX = np.array([3, 1, 2], np.int32)
+FP = fingerprint(("test",))
+
+
+@pytest.fixture
+def on_this_platform(monkeypatch):
+    """Let the store keep executables on this machine's platform (CPU in CI). The CPU's
+    executables of simple programs like `f` round-trip; the engine keeps them on GPUs only."""
+    monkeypatch.setattr(compile_cache, "_STORE_PLATFORMS", (jax.devices()[0].platform,))
+
+
+def test_second_store_loads_what_the_first_compiled(tmp_path, on_this_platform):
+    first = ExecutableStore(str(tmp_path), FP)
+    a = first.compile(("f", 1), jax.jit(f), (X, IDX))
+    assert (first.compiled, first.loaded) == (1, 0)
+    second = ExecutableStore(str(tmp_path), FP)
+    b = second.compile(("f", 1), jax.jit(f), (X, IDX))
+    assert (second.compiled, second.loaded) == (0, 1)
+    np.testing.assert_array_equal(np.asarray(a(X, IDX)), np.asarray(f(X, IDX)))
+    np.testing.assert_array_equal(np.asarray(b(X, IDX)), np.asarray(f(X, IDX)))
+    # A different key is a different program.
+    second.compile(("f", 2), jax.jit(f), (X, IDX[:2]))
+    assert second.compiled == 1
+
+
+def test_another_fingerprint_never_loads_a_stored_executable(tmp_path, on_this_platform):
+    ExecutableStore(str(tmp_path), FP).compile(("f",), jax.jit(f), (X, IDX))
+    other = ExecutableStore(str(tmp_path), fingerprint(("other",)))
+    other.compile(("f",), jax.jit(f), (X, IDX))
+    assert (other.compiled, other.loaded) == (1, 0)
+    assert other.path != ExecutableStore(str(tmp_path), FP).path
+
+
+def test_unreadable_file_is_recompiled_and_replaced(tmp_path, on_this_platform, caplog):
+    store = ExecutableStore(str(tmp_path), FP)
+    store.compile(("f",), jax.jit(f), (X, IDX))
+    (file,) = store.path.iterdir()
+    file.write_bytes(b"not an executable")
+    again = ExecutableStore(str(tmp_path), FP)
+    exe = again.compile(("f",), jax.jit(f), (X, IDX))
+    assert (again.compiled, again.loaded) == (1, 0)
+    assert "did not load" in caplog.text
+    np.testing.assert_array_equal(np.asarray(exe(X, IDX)), np.asarray(f(X, IDX)))
+    third = ExecutableStore(str(tmp_path), FP)
+    third.compile(("f",), jax.jit(f), (X, IDX))
+    assert third.loaded == 1
+
+
+def test_no_directory_or_unsupported_platform_keeps_nothing(tmp_path, monkeypatch):
+    assert ExecutableStore(None, FP).path is None
+    monkeypatch.setattr(compile_cache, "_STORE_PLATFORMS", ())
+    store = ExecutableStore(str(tmp_path), FP)
+    store.compile(("f",), jax.jit(f), (X, IDX))
+    assert store.path is None and list(tmp_path.iterdir()) == []
+
+
+def test_fingerprint_covers_parts_and_lowering_options(monkeypatch):
+    assert fingerprint((1, "a")) == fingerprint((1, "a"))
+    assert fingerprint((1, "a")) != fingerprint((1, "b"))
+    before = fingerprint(())
+    with jax.default_matmul_precision("bfloat16"):
+        assert fingerprint(()) != before
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+    assert fingerprint(()) != before
+
+
+def test_engine_programs_differ_with_the_configuration(tiny_model):
+    from jaxserve.engine import Engine, EngineConfig
+
+    cfg = dict(page_size=4, num_pages=32, max_num_seqs=4, max_model_len=64)
+    a = Engine(tiny_model(), EngineConfig(**cfg))
+    b = Engine(tiny_model(), EngineConfig(**cfg))
+    c = Engine(tiny_model(), EngineConfig(**{**cfg, "num_pages": 48}))
+    d = Engine(tiny_model(), EngineConfig(**cfg, compilation_cache_dir="/elsewhere"))
+    parts = [fingerprint(e._program_parts()) for e in (a, b, c, d)]
+    assert parts[0] == parts[1] == parts[3] != parts[2]
