@@ -65,12 +65,14 @@ def _batch_of(arrays) -> SamplingBatch:
     return SamplingBatch(**dict(zip(_SAMPLING_FIELDS, arrays, strict=True)))
 
 
-def geometric_upto(n: int, start: int = 1, factor: int = 2) -> tuple[int, ...]:
-    """start, start*factor, ... below n, then n itself."""
+def geometric_upto(
+    n: int, start: int = 1, factor: int = 2, coarse_below: int = 0
+) -> tuple[int, ...]:
+    """start, then each times `factor` (times 4 while below `coarse_below`) below n, then n."""
     out, b = [], start
     while b < n:
         out.append(b)
-        b *= factor
+        b *= 4 if b < coarse_below else factor
     out.append(n)
     return tuple(out)
 
@@ -275,14 +277,17 @@ class Engine:
         # On a GPU, XLA turns matmuls of fewer than 8 rows into reductions that read the weights
         # at a fraction of the bandwidth (Llama-3-8B: 8.0 ms per step at batch 1, 6.2 at 8).
         min_decode = 1 if on_cpu else 8
+        # Up to ~128 decode rows / ~256 prefill tokens a step's time is reading the weights, so
+        # padding there is nearly free: buckets 4x apart (a third fewer compilations at start-up).
+        coarse_decode, coarse_prefill = (0, 0) if on_cpu else (128, 256)
         self.cfg = cfg = EngineConfig(
             **{
                 **cfg.__dict__,
                 "num_pages": num_pages,
                 "decode_buckets": cfg.decode_buckets
-                or geometric_upto(cfg.max_num_seqs, min_decode, factor),
+                or geometric_upto(cfg.max_num_seqs, min_decode, factor, coarse_decode),
                 "prefill_buckets": cfg.prefill_buckets
-                or geometric_upto(cfg.max_num_batched_tokens, 16, factor),
+                or geometric_upto(cfg.max_num_batched_tokens, 16, factor, coarse_prefill),
                 "page_buckets": page_buckets,
                 "decode_steps": cfg.decode_steps or (1 if self.backend == "reference" else 8),
             }

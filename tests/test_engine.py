@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.engine import EngineConfig
+from jaxserve.engine import EngineConfig, geometric_upto
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
 from jaxserve.sampling_params import SamplingParams
@@ -274,3 +274,12 @@ def test_the_engine_keeps_long_lived_objects_out_of_garbage_collection(tiny_mode
     llm.engine.warmup()
     # Collections walk only what the steps allocate, not the model, modules and compiled steps.
     assert gc.get_freeze_count() > 10 * len(gc.get_objects())
+
+
+def test_bucket_ladders():
+    assert geometric_upto(256, 8, 2) == (8, 16, 32, 64, 128, 256)
+    # 4x apart below the knee, 2x above, always ending at the maximum.
+    assert geometric_upto(256, 8, 2, coarse_below=128) == (8, 32, 128, 256)
+    assert geometric_upto(2048, 16, 2, coarse_below=256) == (16, 64, 256, 512, 1024, 2048)
+    assert geometric_upto(100, 16, 2, coarse_below=256) == (16, 64, 100)
+    assert geometric_upto(8, 8, 2, coarse_below=128) == (8,)
