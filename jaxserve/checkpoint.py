@@ -13,6 +13,7 @@ benchmarks of models too big to build on the host).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -234,7 +235,8 @@ def random_model(
 
     Each weight is drawn by a small jitted function per (shape, dtype, init kind, sharding) with
     the sharding as `out_shardings`, from the init kind its declaration carries: a few tiny
-    compilations instead of one of the whole model, and nothing model-sized on the host.
+    compilations (made at once, on threads) instead of one of the whole model, and nothing
+    model-sized on the host.
     """
     dt = jnp.dtype(dtype_name(dtype))
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dt))
@@ -242,12 +244,19 @@ def random_model(
     shard_tree = _shardings_tree(shardings, pure)
     flat_shardings = dict(nnx.traversals.flatten_mapping(shard_tree))
     key = jax.random.key(seed)
-    values: dict[tuple, jax.Array] = {}
-    for i, (path, var) in enumerate(nnx.to_flat_state(abstract_state)):
-        meta = var.get_metadata()
-        sharding = flat_shardings[tuple(path)]
-        make = _random_init_fn(var.shape, var.dtype, meta.get("init", "normal"), sharding)
-        values[tuple(path)] = make(jax.random.fold_in(key, i))
+    flat = nnx.to_flat_state(abstract_state)
+    specs = [
+        (var.shape, var.dtype, var.get_metadata().get("init", "normal"), flat_shardings[tuple(p)])
+        for p, var in flat
+    ]
+    unique = list(dict.fromkeys(specs))
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(unique))) as pool:
+        made = pool.map(lambda s: _random_init_fn(*s).lower(key).compile(), unique)
+        compiled = dict(zip(unique, made, strict=True))
+    values = {
+        tuple(path): compiled[spec](jax.random.fold_in(key, i))
+        for i, ((path, _), spec) in enumerate(zip(flat, specs, strict=True))
+    }
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(values))
     return nnx.merge(graphdef, state)
