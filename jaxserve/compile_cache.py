@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 EXECUTABLES_DIR = "executables"
+KEEP_FOLDERS = 8  # fingerprint folders (engine configurations) kept in the store
 # The packages whose code ends up in compiled programs: any change to them starts a new folder.
 _SOURCE_PACKAGES = ("jaxserve", "models", "pallas_kernels")
 # Where the store keeps executables (see the module docstring for why not on the CPU).
@@ -105,12 +107,17 @@ def fingerprint(parts: Iterable[object]) -> str:
 class ExecutableStore:
     """Compiles device calls, keeping each compiled executable on disk under its key.
 
-    `directory=None`, or a platform other than a GPU, keeps nothing (each start compiles). Counters `loaded` / `compiled` say how
-    many executables came from disk and how many were compiled, for logs and tests."""
+    `directory=None`, or a platform other than a GPU, keeps nothing (each start compiles). The
+    `KEEP_FOLDERS` most recently used fingerprint folders are kept, older ones deleted. Counters
+    `loaded` / `compiled` say how many executables came from disk and how many were compiled."""
 
     def __init__(self, directory: str | None, fingerprint: str):
         keep = directory and jax.devices()[0].platform in _STORE_PLATFORMS
         self.path = Path(directory) / EXECUTABLES_DIR / fingerprint[:24] if keep else None
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            os.utime(self.path)  # used now
+            _prune(self.path.parent, KEEP_FOLDERS)
         self.loaded = 0
         self.compiled = 0
         self._lock = threading.Lock()
@@ -142,6 +149,15 @@ class ExecutableStore:
         if self.path is None:
             return None
         return self.path / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".exe")
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used folders under `root`."""
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for old in folders[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load(file: Path) -> jax.stages.Compiled:

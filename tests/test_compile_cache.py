@@ -83,6 +83,21 @@ def test_unreadable_file_is_recompiled_and_replaced(tmp_path, on_this_platform, 
     assert third.loaded == 1
 
 
+def test_only_the_most_recently_used_configurations_are_kept(tmp_path, on_this_platform):
+    import os
+
+    root = tmp_path / compile_cache.EXECUTABLES_DIR
+    old = [root / f"old{i}" for i in range(compile_cache.KEEP_FOLDERS + 2)]
+    for i, folder in enumerate(old):
+        folder.mkdir(parents=True)
+        (folder / "x.exe").write_bytes(b"")
+        os.utime(folder, (1000 + i, 1000 + i))  # old0 is the least recently used
+    store = ExecutableStore(str(tmp_path), FP)
+    kept = {p.name for p in root.iterdir()}
+    assert store.path.name in kept and len(kept) == compile_cache.KEEP_FOLDERS
+    assert kept == {store.path.name} | {f.name for f in old[-(compile_cache.KEEP_FOLDERS - 1) :]}
+
+
 def test_no_directory_or_unsupported_platform_keeps_nothing(tmp_path, monkeypatch):
     assert ExecutableStore(None, FP).path is None
     monkeypatch.setattr(compile_cache, "_STORE_PLATFORMS", ())
