@@ -7,7 +7,9 @@ results. It keeps no per-request state: what a sequence is and when it ends is t
 `LLMEngine`'s business.
 
 Compiled shapes come from fixed bucket lists (decode batch, prefill tokens, pages per sequence), so
-the set of compilations is small and known; `warmup()` compiles all of them, several at once.
+the set of compilations is small and known; `warmup()` compiles all of them, several at once. Every
+device call runs an executable the engine holds by shape key; on a GPU each is also kept on disk
+(`compile_cache.ExecutableStore`), so a restart loads them instead of compiling.
 
 Multi-step decoding (`execute_run`): `decode_steps` decode iterations in one compiled call, each
 sampling on device and feeding its tokens to the next, so the host's per-call cost (argument
@@ -148,25 +150,12 @@ class RunResult:
 
 class ModelDef:
     """The static half of a split model (its GraphDef and the treedef of its parameter state),
-    passed to the jitted steps as a static argument. jit hashes static arguments on every call, and
-    hashing a GraphDef walks the whole module tree (milliseconds for a 32-layer model), so the hash
-    is computed once here; equal definitions still share compiled steps."""
+    bound into each step function; the parameters travel as a flat list."""
 
-    __slots__ = ("graphdef", "state_def", "_hash")
+    __slots__ = ("graphdef", "state_def")
 
     def __init__(self, graphdef, state_def):
         self.graphdef, self.state_def = graphdef, state_def
-        self._hash = hash((graphdef, state_def))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (
-            isinstance(other, ModelDef)
-            and self._hash == other._hash
-            and (self.graphdef, self.state_def) == (other.graphdef, other.state_def)
-        )
 
     def model(self, params: list[jax.Array]) -> CausalLM:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, params))
