@@ -772,7 +772,7 @@ class Engine:
             if op == _OP_DECODE and self.cfg.decode_steps > 1:
                 # The greedy run of the same rows has the step's matmuls: compiled after it, it
                 # reuses the step's GEMM autotuning instead of repeating it alongside.
-                key = (len(rows), arrays[3].shape[1], True, False, False)
+                key = (len(rows), len(rows[0].block_table), True, False, False)
                 job.add_done_callback(lambda _, key=key: self._run_compile(key))
                 runs.append(key)
             jobs.append(job)

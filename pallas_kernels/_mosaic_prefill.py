@@ -348,7 +348,11 @@ def paged_prefill(
 ) -> jax.Array:
     """q: [T, q_heads, D] packed chunks; see `prefill_attention_reference` for the contract."""
     t, _, d = q.shape
-    cfg = choose_config(d, block_tables.shape[1] + 3)
+    # Table rows are copied with TMA, whose global strides are multiples of 16 bytes.
+    tables = block_tables.astype(jnp.int32)
+    if tables.shape[1] % 4:
+        tables = jnp.pad(tables, ((0, 0), (0, 4 - tables.shape[1] % 4)))
+    cfg = choose_config(d, tables.shape[1])
     # Query tiles are read (and outputs written) in boxes of up to 64 rows, and Mosaic's tiled
     # TMA wants the row count a multiple of 8: pad the arrays to that (a copy, only when T is not
     # already one).
@@ -356,9 +360,5 @@ def paged_prefill(
     if t_pad != t:
         q = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
     work = build_work_list(cu_q_lens, seq_lens, t_pad)
-    # Table rows are copied with TMA, whose global strides are multiples of 16 bytes.
-    tables = block_tables.astype(jnp.int32)
-    if tables.shape[1] % 4:
-        tables = jnp.pad(tables, ((0, 0), (0, 4 - tables.shape[1] % 4)))
     out = _prefill_call(q, k_pages, v_pages, tables, work, scale=scale, cfg=cfg)
     return out[:t]
