@@ -7,9 +7,11 @@ results. It keeps no per-request state: what a sequence is and when it ends is t
 `LLMEngine`'s business.
 
 Compiled shapes come from fixed bucket lists (decode batch, prefill tokens, pages per sequence), so
-the set of compilations is small and known; `warmup()` compiles all of them, several at once. Every
-device call runs an executable the engine holds by shape key; on a GPU each is also kept on disk
-(`compile_cache.ExecutableStore`), so a restart loads them instead of compiling.
+the set of compilations is small and known; `warmup()` compiles all of them, several at once (or,
+for a server, only the largest before returning and the rest in the background while steps run
+padded into the largest compiled so far). Every device call runs an executable the engine holds
+by shape key; on a GPU each is also kept on disk (`compile_cache.ExecutableStore`), so a restart
+loads them instead of compiling.
 
 Multi-step decoding (`execute_run`): `decode_steps` decode iterations in one compiled call, each
 sampling on device and feeding its tokens to the next, so the host's per-call cost (argument
@@ -321,6 +323,12 @@ class Engine:
         )
         self._run_compiles: dict[tuple, concurrent.futures.Future] = {}
         self._run_compiles_lock = threading.Lock()
+        # While warm-up compiles in the background: per step kind, the (bucket, pages) shapes
+        # compiled so far (replaced, never mutated, under the lock); None otherwise.
+        self._ready: dict[int, frozenset[tuple[int, int]]] | None = None
+        self._ready_lock = threading.Lock()
+        self._warm_jobs: list[concurrent.futures.Future] = []
+        self._warm_left = 0
         # Every device call runs a compiled executable from here, keyed by its shapes; a warm
         # restart loads them from the store instead of tracing and compiling them again.
         self._executables: dict[tuple, jax.stages.Compiled] = {}
@@ -392,9 +400,22 @@ class Engine:
             return self.cfg.page_buckets
         return (math.ceil(self.cfg.max_model_len / self.cfg.page_size),)
 
-    def _tables(self, rows: list[ScheduledSeq], num_rows: int, is_decode: bool) -> np.ndarray:
+    def _shape(self, op: int, n: int, rows: list[ScheduledSeq]) -> tuple[int, int]:
+        """(rows or tokens bucket, page bucket) of a step of `n` rows (decode) or tokens
+        (prefill) over `rows`: the smallest compiled for them. While warm-up compiles in the
+        background (`warmup(background=True)`), that is the smallest of those compiled so far
+        that fits (a larger one pads more, and is never wrong); after, the exact bucket."""
+        is_decode = op == _OP_DECODE
         need = max((len(r.block_table) for r in rows), default=1)
-        p = pick(self.page_buckets(is_decode), max(need, 1))
+        buckets = self.cfg.decode_buckets if is_decode else self.cfg.prefill_buckets
+        exact = (pick(buckets, n), pick(self.page_buckets(is_decode), max(need, 1)))
+        ready = self._ready  # one read: the compile threads replace it, never change it
+        if ready is None or exact in ready.get(op, ()):
+            return exact
+        fits = [k for k in ready.get(op, ()) if k[0] >= n and k[1] >= need]
+        return min(fits) if fits else exact
+
+    def _tables(self, rows: list[ScheduledSeq], num_rows: int, p: int) -> np.ndarray:
         tables = np.zeros((num_rows, p), np.int32)
         for i, r in enumerate(rows):
             tables[i, : len(r.block_table)] = r.block_table
@@ -418,10 +439,10 @@ class Engine:
         )
 
     def _run_decode(self, rows: list[ScheduledSeq]) -> None:
-        b = pick(self.cfg.decode_buckets, len(rows))
-        self._device(_OP_DECODE, self._decode_arrays(rows, b))
+        b, p = self._shape(_OP_DECODE, len(rows), rows)
+        self._device(_OP_DECODE, self._decode_arrays(rows, b, p))
 
-    def _decode_arrays(self, rows: list[ScheduledSeq], b: int) -> tuple[np.ndarray, ...]:
+    def _decode_arrays(self, rows: list[ScheduledSeq], b: int, p: int) -> tuple[np.ndarray, ...]:
         tokens = np.zeros(b, np.int32)
         positions = np.zeros(b, np.int32)
         slots = np.zeros(b, np.int32)  # padding rows write into page 0
@@ -431,7 +452,7 @@ class Engine:
             positions[i] = r.start_pos
             slots[i] = self._slots(r)[0]
             seq_lens[i] = r.start_pos + 1
-        tables = self._tables(rows, b, True)
+        tables = self._tables(rows, b, p)
         cu = np.arange(b + 1, dtype=np.int32)
         return tokens, positions, slots, tables, seq_lens, cu
 
@@ -441,7 +462,9 @@ class Engine:
         """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
         of the sampler compiled for rows like `kinds` (a superset of theirs serves them too)."""
         b = pick(self.cfg.decode_buckets, len(rows))
-        tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b)
+        need = max((len(r.block_table) for r in rows), default=1)
+        p = pick(self.page_buckets(True), max(need, 1))
+        tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b, p)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
         batch, _ = SamplingBatch.build(specs, b)
@@ -452,18 +475,21 @@ class Engine:
         self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
     ) -> dict | None:
         """Runs the step; returns the prompt logprob arrays when `prompt_targets` asks for them."""
-        arrays = self._prefill_arrays(rows, prompt_targets)
+        n_tok = sum(len(r.token_ids) for r in rows)
+        # Prompt logprobs compile on first use, at the exact bucket.
+        op = _OP_PREFILL_LOGPROBS if prompt_targets else _OP_PREFILL
+        t, p = self._shape(op, n_tok, rows)
+        arrays = self._prefill_arrays(rows, prompt_targets, t, p)
         if prompt_targets:
             return self._device(_OP_PREFILL_LOGPROBS, arrays)
         self._device(_OP_PREFILL, arrays[:-1])
         return None
 
     def _prefill_arrays(
-        self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray]
+        self, rows: list[ScheduledSeq], prompt_targets: dict[int, np.ndarray], t: int, p: int
     ) -> tuple[np.ndarray, ...]:
-        """The padded inputs of a prefill step; the last is the prompt-logprob targets."""
-        n_tok = sum(len(r.token_ids) for r in rows)
-        t = pick(self.cfg.prefill_buckets, n_tok)
+        """The inputs of a prefill step padded to `t` tokens and `p` pages per row; the last is
+        the prompt-logprob targets."""
         s = self.cfg.max_prefill_seqs
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -485,7 +511,7 @@ class Engine:
             cu[i + 1] = off
             last_idx[i] = off - 1
         cu[len(rows) + 1 :] = off
-        tables = self._tables(rows, s, False)
+        tables = self._tables(rows, s, p)
         return tokens, positions, slots, tables, seq_lens, cu, last_idx, targets
 
     # ---- the step -----------------------------------------------------------------------------
@@ -568,8 +594,10 @@ class Engine:
         return future.done() and future.exception() is None
 
     def finish_compiles(self) -> None:
-        """Wait for the multi-step variants compiling in the background (a benchmark calls this
-        after its warm-up so that it times the steady state)."""
+        """Wait for the shapes and multi-step variants compiling in the background (a benchmark
+        calls this after its warm-up so that it times the steady state)."""
+        for future in self._warm_jobs:
+            future.exception()
         for future in list(self._run_compiles.values()):
             future.exception()
 
@@ -579,7 +607,9 @@ class Engine:
         with self._run_compiles_lock:
             if key not in self._run_compiles:
                 future = self._compiler.submit(self._compile_run, *key)
-                future.add_done_callback(functools.partial(_log_compile_failure, key))
+                future.add_done_callback(
+                    functools.partial(_log_compile_failure, (_OP_DECODE_RUN, *key))
+                )
                 self._run_compiles[key] = future
             return self._run_compiles[key]
 
@@ -601,13 +631,9 @@ class Engine:
                 sids.append(sid)
         if not sids:
             return {}
-        r = pick(self._sample_buckets, len(sids))
         row_specs = [specs[s] for s in sids]
-        batch, flags = SamplingBatch.build(row_specs, r)
-        src_arr = np.zeros(r, np.int32)
-        src_arr[: len(src)] = src
-        arrays = (src_arr, *_batch_arrays(batch))
-        out = jax.device_get(self._device(_OP_SAMPLE, arrays, (source, *_flag_ints(flags))))
+        arrays, flags = self._sample_arrays(src, row_specs)
+        out = jax.device_get(self._device(_OP_SAMPLE, arrays, (source, *flags)))
         res = {}
         for i, sid in enumerate(sids):
             tok = int(out["tokens"][i])
@@ -618,6 +644,16 @@ class Engine:
                 )
             res[sid] = (tok, lp_map)
         return res
+
+    def _sample_arrays(
+        self, src: list[int], row_specs: list[RowSpec]
+    ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+        """The sampler's padded inputs for rows `src` of the logits, and its flags."""
+        r = pick(self._sample_buckets, len(src))
+        batch, flags = SamplingBatch.build(row_specs, r)
+        src_arr = np.zeros(r, np.int32)
+        src_arr[: len(src)] = src
+        return (src_arr, *_batch_arrays(batch)), _flag_ints(flags)
 
     def _collect_prompt_logprobs(self, rows, prompt_targets, out, result: StepResult) -> None:
         out = jax.device_get(out)
@@ -675,28 +711,37 @@ class Engine:
             self._logits[_OP_PREFILL] = logits
             return self._readable({"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp})
 
-    def _executable(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
+    def _executable(
+        self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits=None
+    ):
         """The compiled device call for these argument shapes (compiled, or loaded from the
         executable store, on first use) and its arguments. `kv` is the cache, or its shapes
-        (`_kv_shapes`) to compile a call without running it."""
-        key = (op, flags, *((a.shape, a.dtype.char) for a in arrays))
+        (`_kv_shapes`) to compile a call without running it; likewise `logits` for the sampler
+        (default: the last step's)."""
+        if op == _OP_SAMPLE and logits is None:
+            logits = self._logits[flags[0]]
+        key = (op, flags, *self._arg_key(arrays))
         if op == _OP_SAMPLE:
-            key += (self._logits[flags[0]].shape,)
-        fn, donate, args = self._call(op, arrays, flags, kv)
+            key += (logits.shape,)
+        fn, donate, args = self._call(op, arrays, flags, kv, logits)
         exe = self._executables.get(key)
         if exe is None:
             jitted = jax.jit(fn, donate_argnums=donate)
             exe = self._executables[key] = self._store.compile(key, jitted, args)
         return exe, args
 
-    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv):
+    @staticmethod
+    def _arg_key(arrays: tuple[np.ndarray, ...]) -> tuple:
+        return tuple((a.shape, a.dtype.char) for a in arrays)
+
+    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits):
         """The function of a device call with its static parts bound, the indices of the
         arguments it donates (the KV cache) and its arguments."""
         if op == _OP_COPY:
             return _copy_pages, (0,), (kv, *arrays)
         if op == _OP_SAMPLE:
             fn = functools.partial(sample, **_flag_kwargs(flags[1:]))
-            return fn, (), (self._logits[flags[0]], arrays[0], _batch_of(arrays[1:]))
+            return fn, (), (logits, arrays[0], _batch_of(arrays[1:]))
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
@@ -715,13 +760,15 @@ class Engine:
         args = (self._params, kv, tokens, positions, meta, *rest)
         return functools.partial(fn, self._mdef), (1,), args
 
-    def _compile(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]) -> None:
+    def _compile(
+        self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], logits=None
+    ) -> None:
         """Compile a device call without running it (any thread); later calls with the same
         shapes use it."""
         if self._channel is not None:
             return  # every process must compile in step; they do so on the call itself
         with self._mesh_context():
-            self._executable(op, arrays, flags, self._kv_shapes())
+            self._executable(op, arrays, flags, self._kv_shapes(), logits)
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -760,42 +807,102 @@ class Engine:
         )
 
     # ---- warm-up ------------------------------------------------------------------------------
-    def warmup(self) -> float:
+    def warmup(self, background: bool = False) -> float:
         """Compile every reachable (bucket, pages) shape of both steps, the greedy sampler and the
-        greedy multi-step decode of every batch bucket. The steps compile several at once on the
-        compile threads, then each runs once. Returns the seconds it took."""
+        greedy multi-step decode of every batch bucket, several at once on the compile threads,
+        and run each step once. Returns the seconds it took.
+
+        `background`: return once the largest decode and prefill shapes are compiled and run
+        (padded, they serve any step); the other shapes then compile on the compile threads
+        while steps are served, each used from the moment it is ready (`_shape`).
+        `compiles_pending` counts what is left; `finish_compiles` waits for it."""
         t0 = time.perf_counter()
         steps = list(self._warmup_steps())
-        jobs, runs = [], []
-        for op, arrays, rows in steps:
-            job = self._compiler.submit(self._compile, op, arrays, ())
-            if op == _OP_DECODE and self.cfg.decode_steps > 1:
-                # The greedy run of the same rows has the step's matmuls: compiled after it, it
-                # reuses the step's GEMM autotuning instead of repeating it alongside.
-                key = (len(rows), len(rows[0].block_table), True, False, False)
-                job.add_done_callback(lambda _, key=key: self._run_compile(key))
-                runs.append(key)
-            jobs.append(job)
+        first, rest = steps, []
+        # Processes of a multi-process run compile in step, on the call: all of it up front.
+        if background and self._channel is None:
+            first = [
+                max((st for st in steps if st[0] == op), key=lambda st: st[1])
+                for op in (_OP_DECODE, _OP_PREFILL)
+            ]
+            rest = [st for st in steps if st not in first]
+        self._ready = {_OP_DECODE: frozenset(), _OP_PREFILL: frozenset()} if rest else None
+        jobs = [self._compiler.submit(self._compile_step, *st) for st in first]
         for job in jobs:
             job.result()
-        for key in runs:
-            self._run_compile(key).result()
-        for op, arrays, rows in steps:
-            self._device(op, arrays)
+        if not background:
+            for op, (b, p), _ in first:
+                if op == _OP_DECODE and self.cfg.decode_steps > 1:
+                    self._run_compile((b, p, True, False, False)).result()
+        for op, key, rows in first:
+            self._device(op, self._step_arrays(op, key, rows))
             if op == _OP_DECODE:
-                self._sample(_OP_DECODE, rows, {r.seq_id: RowSpec(0.0) for r in rows})
+                # Padded into the largest bucket, a step samples any number of its rows.
+                n = len(rows) if not rest else 1
+                for r in (b for b in self._sample_buckets if n <= b <= len(rows)):
+                    sub = [dataclasses.replace(row, sample_seq_ids=[]) for row in rows]
+                    for row in sub[:r]:
+                        row.sample_seq_ids.append(row.seq_id)
+                    self._sample(_OP_DECODE, sub, {row.seq_id: RowSpec(0.0) for row in rows})
             else:
                 self._warm_prefill_sampler()
         jax.block_until_ready(self.kv)
+        if rest:
+            for op, key, _ in first:
+                self._mark_ready(op, key)
+            self._warm_left = len(rest)
+            self._warm_jobs = [self._compiler.submit(self._warm_in_background, *st) for st in rest]
+            for (op, key, _), job in zip(rest, self._warm_jobs, strict=True):
+                job.add_done_callback(functools.partial(_log_compile_failure, (op, *key)))
         return time.perf_counter() - t0
 
+    def compiles_pending(self) -> int:
+        """Shapes and multi-step variants still compiling in the background."""
+        with self._run_compiles_lock:
+            jobs = self._warm_jobs + list(self._run_compiles.values())
+        return sum(not job.done() for job in jobs)
+
+    def _compile_step(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]) -> None:
+        """Compile one warm-up step; a decode step's greedy multi-step run compiles after it (it
+        has the step's matmuls, so it reuses the step's GEMM autotuning)."""
+        self._compile(op, self._step_arrays(op, key, rows), ())
+        if op == _OP_DECODE and self.cfg.decode_steps > 1:
+            self._run_compile((*key, True, False, False))
+
+    def _warm_in_background(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]) -> None:
+        """Compile a step shape, and for decode the greedy sampler of its logits, then let steps
+        use it. The last one to finish ends the background warm-up."""
+        try:
+            self._compile_step(op, key, rows)
+            if op == _OP_DECODE:
+                exe = self._executables[(op, (), *self._arg_key(self._step_arrays(op, key, rows)))]
+                out = exe.out_info[0]
+                logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
+                arrays, flags = self._sample_arrays(list(range(key[0])), [RowSpec(0.0)] * key[0])
+                self._compile(_OP_SAMPLE, arrays, (_OP_DECODE, *flags), logits)
+            self._mark_ready(op, key)
+        finally:
+            with self._ready_lock:
+                self._warm_left -= 1
+                if self._warm_left == 0:
+                    self._ready = None
+
+    def _mark_ready(self, op: int, key: tuple[int, int]) -> None:
+        with self._ready_lock:
+            if self._ready is not None:
+                self._ready = {**self._ready, op: self._ready[op] | {key}}
+
+    def _step_arrays(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]):
+        if op == _OP_DECODE:
+            return self._decode_arrays(rows, *key)
+        return self._prefill_arrays(rows, {}, *key)[:-1]
+
     def _warmup_steps(self):
-        """(op, arrays, rows) of one step of every reachable compiled shape."""
+        """(op, (bucket, pages), rows) of one step of every reachable compiled shape."""
         ps, s_rows = self.cfg.page_size, self.cfg.max_prefill_seqs
         for p in self.page_buckets(is_decode=True):
             for b in self.cfg.decode_buckets:
-                rows = [_dummy_row(i, [0], [0] * p) for i in range(b)]
-                yield _OP_DECODE, self._decode_arrays(rows, b), rows
+                yield _OP_DECODE, (b, p), [_dummy_row(i, [0], [0] * p) for i in range(b)]
         for p in self.page_buckets(is_decode=False):
             table = [0] * p
             prev = 0
@@ -806,7 +913,7 @@ class Engine:
                 if n > prev:
                     sizes = [min(p * ps, n - k) for k in range(0, n, p * ps)]
                     rows = [_dummy_row(i, [0] * m, table) for i, m in enumerate(sizes)]
-                    yield _OP_PREFILL, self._prefill_arrays(rows, {})[:-1], rows
+                    yield _OP_PREFILL, (t, p), rows
                 prev = t
 
     def _warm_prefill_sampler(self) -> None:
@@ -824,8 +931,9 @@ class Engine:
 
 
 def _log_compile_failure(key: tuple, future: concurrent.futures.Future) -> None:
+    """(op, *shape): a background compile that failed; the call compiles again on first use."""
     if future.exception() is not None:
-        log.warning("multi-step decode %s failed to compile: %s", key, future.exception())
+        log.warning("background compile %s failed: %s", key, future.exception())
 
 
 def _logprob_map(token: int, logprob, top_ids, top_logprobs) -> dict[int, float]:

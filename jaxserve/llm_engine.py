@@ -551,10 +551,15 @@ class LLMEngine:
         return list(self.model_config.eos_token_ids)
 
     # ---- introspection ------------------------------------------------------------------------
-    def warmup(self) -> float:
-        seconds = self.engine.warmup()
+    def warmup(self, background: bool = False) -> float:
+        """Compile and run every step shape (`Engine.warmup`); with `background`, return once
+        the largest shapes are ready and compile the rest while serving."""
+        seconds = self.engine.warmup(background)
         _freeze_heap()
         return seconds
+
+    def compiles_pending(self) -> int:
+        return self.engine.compiles_pending()
 
     def follow(self) -> None:
         """Processes other than 0 of a multi-process run: run process 0's steps (`Engine.follow`)."""

@@ -61,6 +61,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT",
     )
+    serve.add_argument(
+        "--no-background-compile",
+        dest="background_compile",
+        action="store_false",
+        help="compile every step shape before SERVING (default: serve once the largest shapes "
+        "are compiled and compile the others while serving)",
+    )
     engine = serve.add_argument_group("engine")
     for flag, kind, text in ENGINE_OPTIONS:
         engine.add_argument(flag, type=kind, default=None, help=text)
@@ -146,6 +153,7 @@ def run_serve(args: argparse.Namespace, engine_factory: EngineFactory | None = N
             metrics_port=args.metrics_port or None,
             max_queued_requests=args.max_queued_requests,
             grace_period=args.grace_period,
+            background_compile=args.background_compile,
         )
 
     if args.coordinator_address is not None:

@@ -54,7 +54,9 @@ class Engine(Protocol):
 
     def stats(self) -> dict: ...
 
-    def warmup(self) -> None: ...
+    def warmup(self, background: bool = False) -> object: ...
+
+    def compiles_pending(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class EngineLoop:
         retry_after_ms: int,
         max_consecutive_failures: int = 3,
         metrics: ServerMetrics | None = None,
+        background_compile: bool = False,
     ) -> None:
         if max_queued_requests < 1:
             raise ValueError(f"max_queued_requests: must be >= 1, got {max_queued_requests}")
@@ -118,6 +121,7 @@ class EngineLoop:
         self._retry_after_ms = retry_after_ms
         self._max_failures = max_consecutive_failures
         self._metrics = metrics
+        self._background_compile = background_compile
         self._on_ready: Callable[[], None] | None = None
         self._on_fatal: Callable[[str], None] | None = None
         self._cond = threading.Condition()
@@ -170,6 +174,10 @@ class EngineLoop:
         """The engine's `stats()` as of its last step."""
         with self._cond:
             return self._stats
+
+    def compiles_pending(self) -> int:
+        """Step shapes the engine is still compiling in the background (any thread)."""
+        return self._engine.compiles_pending()
 
     @property
     def num_live_requests(self) -> int:
@@ -225,7 +233,7 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             log.info("engine warm-up started model=%s", self._model_info.get("model_name"))
-            self._engine.warmup()
+            self._engine.warmup(background=self._background_compile)
         except Exception as e:
             log.exception("engine warm-up failed")
             self._give_up(f"warm-up failed: {e!r}")

@@ -86,6 +86,8 @@ class ServerConfig:
     retry_after_ms: int = 1000
     max_consecutive_engine_failures: int = 3
     tokenizer_threads: int = 2
+    # SERVING once the largest step shapes are compiled; the others compile while serving.
+    background_compile: bool = True
     limits: Limits = field(default_factory=Limits)
 
 
@@ -509,6 +511,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             kv_usage=float(stats["kv_usage"]),
             num_running=int(stats["num_running"]),
             num_waiting=int(stats["num_waiting"]),
+            compiles_pending=self._loop.compiles_pending(),
         )
 
 
@@ -633,6 +636,7 @@ async def start_server(
         retry_after_ms=config.retry_after_ms,
         max_consecutive_failures=config.max_consecutive_engine_failures,
         metrics=metrics,
+        background_compile=config.background_compile,
     )
     pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenizer")
     service = GenerationService(engine, engine_loop, config, metrics, pool)

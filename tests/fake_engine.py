@@ -181,6 +181,8 @@ class FakeEngine:
         self.step_delay = step_delay
         self.warmup_event = warmup_event
         self.warmed_up = False
+        self.warmed_up_in_background = False
+        self.pending_compiles = 0  # what `compiles_pending` reports
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._aborted: list[_Request] = []
@@ -207,10 +209,14 @@ class FakeEngine:
 
     # --- engine interface ----------------------------------------------------------------------
 
-    def warmup(self) -> None:
+    def warmup(self, background: bool = False) -> None:
         if self.warmup_event is not None:
             self.warmup_event.wait()
         self.warmed_up = True
+        self.warmed_up_in_background = background
+
+    def compiles_pending(self) -> int:
+        return self.pending_compiles
 
     def model_info(self) -> dict:
         return {

@@ -315,6 +315,7 @@ def test_serve_mode_against_its_own_server(tmp_path, capsys):
     )
     check_metadata(d, "serve")
     assert d["server"]["started_by_bench"] and d["server"]["startup_s"] > 0
+    assert d["server"]["all_compiled_s"] >= d["server"]["startup_s"]
     assert d["server_info"]["vocab_size"] == 512
     assert [run["request_rate"] for run in d["runs"]] == [40.0, "inf"]
     for run in d["runs"]:

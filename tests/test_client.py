@@ -144,6 +144,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
     args = parse(
         "serve", "my-model", "--port", "6000", "--metrics-port", "0", "--max-queued-requests",
         "9", "--grace-period", "2.5", "--page-size", "32", "--kv-memory-fraction", "0.5",
+        "--no-background-compile",
     )  # fmt: skip
     engine = FakeEngine()
     options: list[argparse.Namespace] = []
@@ -176,9 +177,11 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "metrics_port": None,
         "max_queued_requests": 9,
         "grace_period": 2.5,
+        "background_compile": False,
     }
     defaults = parse("serve")
     assert (defaults.model, defaults.port, defaults.metrics_port) == (None, 50051, 9090)
+    assert defaults.background_compile
 
 
 def test_generate_command_streams_to_stdout(

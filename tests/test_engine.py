@@ -223,6 +223,48 @@ def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_m
     assert llm.engine.stats()["decode_runs_total"] > 0
 
 
+def test_background_warmup_serves_from_the_largest_shapes_until_the_rest_compile(tiny_model):
+    """With `warmup(background=True)` the engine answers once the largest decode and prefill
+    shapes are compiled; steps before the rest are ready run padded into those, with the same
+    greedy tokens (checked against a cache-free forward), and compile nothing on the serving
+    thread. Once the background compiles finish, steps use their exact shapes again."""
+    import threading
+
+    model = tiny_model()
+    llm = make_llm(model, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=64)
+    engine = llm.engine.engine
+    gate = threading.Event()
+    compile_rest = engine._warm_in_background
+
+    def gated(*args):
+        gate.wait(timeout=120)
+        compile_rest(*args)
+
+    engine._warm_in_background = gated
+    llm.engine.warmup(background=True)
+    decode_shapes = {k for k in engine._executables if k[0] == 2}  # _OP_DECODE
+    assert engine.compiles_pending() > 0
+    assert len(decode_shapes) == 1  # the largest: 16 rows over the longest block table
+    (only,) = decode_shapes
+    assert only[2][0] == (16,) and only[5][0] == (16, max(engine.cfg.page_buckets))
+    params = ids_params(temperature=0.0, max_tokens=6)
+    prompts = random_prompts(model.cfg.vocab_size, [3, 9, 5], seed=21)
+    compiled = count_compilations()
+    early = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiled == []  # padded into the compiled shapes, samplers included
+    assert {k for k in engine._executables if k[0] == 2} == decode_shapes
+    assert_greedy_without_cache(model, prompts, early)
+
+    gate.set()
+    engine.finish_compiles()
+    assert engine.compiles_pending() == 0 and engine._ready is None
+    every = len(engine.cfg.decode_buckets) * len(engine.cfg.page_buckets)
+    assert len({k for k in engine._executables if k[0] == 2}) == every
+    compiled.clear()  # the background compiles
+    late = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiled == [] and late == early
+
+
 def test_multi_step_runs_equal_single_steps(tiny_model):
     """Greedy and seeded sampling with logprobs, n > 1, stop ids and rows ending mid-run: the
     same tokens, logprobs and finish reasons with runs of 4 as with one step per call."""

@@ -334,6 +334,11 @@ async def _bench(args: argparse.Namespace, target: str) -> dict[str, Any]:
 
     async with AsyncClient(target) as client:
         await client.wait_until_serving(args.server_timeout)
+        # A server answers as soon as its largest step shapes are compiled; time it once the
+        # rest (compiling in the background) are too.
+        deadline = time.monotonic() + args.server_timeout
+        while (await client.model_info()).compiles_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         info = _model_info_dict(await client.model_info())
         rng = np.random.default_rng(args.seed)
         workload = sample_workload(args, args.num_requests, rng, int(info["max_model_len"]))
@@ -466,6 +471,21 @@ class ServerProcess:
                     )
                 time.sleep(0.2)
 
+    def wait_until_compiled(self, timeout: float) -> float:
+        """Poll model info until no step shape is left compiling in the background. Returns the
+        seconds from launch."""
+        from serving.client import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.target, timeout=5.0) as client:
+            while client.model_info().compiles_pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the benchmark server still compiling after {timeout:.0f} s"
+                    )
+                time.sleep(0.2)
+        return time.monotonic() - self.started
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # graceful drain, then exit
@@ -489,12 +509,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.burstiness > 0:
         raise ValueError(f"burstiness: must be > 0, got {args.burstiness}")
     env = report.environment(init_device=False)
-    server, startup_s = None, None
+    server, startup_s, compiled_s = None, None, None
     if args.target is None:
         server = ServerProcess(args)
     try:
         if server is not None:
             startup_s = server.wait_until_serving(args.server_timeout)
+            compiled_s = server.wait_until_compiled(args.server_timeout)
         body = asyncio.run(_bench(args, args.target or server.target))
     finally:
         if server is not None:
@@ -505,7 +526,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": args.target,
             "started_by_bench": server is not None,
             "argv": None if server is None else server.argv[1:],
-            "startup_s": startup_s,
+            "startup_s": startup_s,  # launch to SERVING
+            "all_compiled_s": compiled_s,  # launch to every step shape compiled
         },
         **body,
         "slo": args.slo,
@@ -565,6 +587,7 @@ def print_summary(result: dict[str, Any]) -> None:
         rows = [
             ("model", f"{info.get('model_name')} ({info.get('dtype')}) on {info.get('device')}"),
             ("server start-up s", report.fmt(result["server"]["startup_s"])),
+            ("all shapes compiled s", report.fmt(result["server"]["all_compiled_s"])),
             ("workload", f"{w['num_requests']} requests, {w['distribution']}"),
             (
                 "request rate / burstiness",

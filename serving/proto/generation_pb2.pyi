@@ -211,7 +211,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "dtype", "max_model_len", "vocab_size", "page_size", "kv_capacity_tokens", "device", "mesh", "kv_used_tokens", "kv_usage", "num_running", "num_waiting")
+    __slots__ = ("model_name", "architecture", "dtype", "max_model_len", "vocab_size", "page_size", "kv_capacity_tokens", "device", "mesh", "kv_used_tokens", "kv_usage", "num_running", "num_waiting", "compiles_pending")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class ModelInfo(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    COMPILES_PENDING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     dtype: str
@@ -238,4 +239,5 @@ class ModelInfo(_message.Message):
     kv_usage: float
     num_running: int
     num_waiting: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., device: _Optional[str] = ..., mesh: _Optional[str] = ..., kv_used_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ...) -> None: ...
+    compiles_pending: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., device: _Optional[str] = ..., mesh: _Optional[str] = ..., kv_used_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., compiles_pending: _Optional[int] = ...) -> None: ...
