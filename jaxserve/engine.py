@@ -3,7 +3,8 @@
 Owns everything that touches the device. It receives a `StepPlan` (plain data from the scheduler)
 plus one `RowSpec` per sampled row, pads the plan to a shape bucket, runs the compiled step with
 the KV cache donated (updated in place, never copied), samples on device and returns plain numpy
-results. It keeps no per-request state: what a sequence is and when it ends is the scheduler's and
+results; a call's small host arrays reach the device packed in one buffer (`_pack_host_arrays`).
+It keeps no per-request state: what a sequence is and when it ends is the scheduler's and
 `LLMEngine`'s business.
 
 Compiled shapes come from fixed bucket lists (decode batch, prefill tokens, pages per sequence), so
@@ -430,10 +431,10 @@ class Engine:
 
     def _meta(self, slots, tables, seq_lens, cu, is_decode: bool) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            block_tables=jnp.asarray(tables),
-            seq_lens=jnp.asarray(seq_lens),
-            cu_q_lens=jnp.asarray(cu),
+            slot_mapping=slots,
+            block_tables=tables,
+            seq_lens=seq_lens,
+            cu_q_lens=cu,
             is_decode=is_decode,
             backend=self.backend if is_decode else self.prefill_backend,
         )
@@ -724,6 +725,7 @@ class Engine:
         if op == _OP_SAMPLE:
             key += (logits.shape,)
         fn, donate, args = self._call(op, arrays, flags, kv, logits)
+        fn, args = _pack_host_arrays(fn, args)
         exe = self._executables.get(key)
         if exe is None:
             jitted = jax.jit(fn, donate_argnums=donate)
@@ -928,6 +930,59 @@ class Engine:
     @property
     def _sample_buckets(self) -> tuple[int, ...]:
         return self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,)
+
+
+# int32 words: XLA hands a kernel a slice of a buffer as a view into it, and Mosaic GPU kernels
+# want their inputs 256-byte aligned.
+_PACK_ALIGN = 64
+
+
+def _pack_host_arrays(fn, args: tuple) -> tuple:
+    """`fn` and `args` with every host (numpy) array of `args` packed into one int32 buffer.
+
+    A call's arguments are device values (params, cache, logits) followed by the step's small
+    host arrays (tokens, positions, block tables, sampling parameters...). Passed one by one,
+    each is its own transfer: at batch 1 preparing and dispatching a multi-step run cost ~3 ms
+    of host time while the device idled (Llama-3.2-1B: 3.1 ms against 10.5 ms of device time).
+    Packed, they go over in one transfer and the compiled function slices them back out."""
+    first = next(
+        (
+            i
+            for i, a in enumerate(args)
+            if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(a))
+        ),
+        len(args),
+    )
+    leaves, treedef = jax.tree.flatten(args[first:])
+    layout = []
+    for x in leaves:
+        if not isinstance(x, np.ndarray) or (x.dtype.itemsize != 4 and x.dtype != np.bool_):
+            raise TypeError(
+                f"host argument {type(x).__name__} {getattr(x, 'dtype', '')}: not packable"
+            )
+        layout.append((x.shape, x.dtype))
+    # Each array starts on a 256-byte boundary (`_PACK_ALIGN`).
+    words = []
+    for x in leaves:
+        w = (x.astype(np.int32) if x.dtype == np.bool_ else np.ascontiguousarray(x)).reshape(-1)
+        words += [w.view(np.int32), np.zeros(-w.size % _PACK_ALIGN, np.int32)]
+    pack = np.concatenate(words) if words else np.zeros(0, np.int32)
+
+    def packed(*device_args_and_pack):
+        *device_args, buf = device_args_and_pack
+        out, off = [], 0
+        for shape, dtype in layout:
+            n = math.prod(shape)
+            piece = buf[off : off + n].reshape(shape)
+            if dtype == np.bool_:
+                piece = piece != 0
+            elif dtype != np.int32:
+                piece = jax.lax.bitcast_convert_type(piece, dtype)
+            out.append(piece)
+            off += n + -n % _PACK_ALIGN
+        return fn(*device_args, *jax.tree.unflatten(treedef, out))
+
+    return packed, (*args[:first], pack)
 
 
 def _log_compile_failure(key: tuple, future: concurrent.futures.Future) -> None:

@@ -318,6 +318,38 @@ def test_the_engine_keeps_long_lived_objects_out_of_garbage_collection(tiny_mode
     assert gc.get_freeze_count() > 10 * len(gc.get_objects())
 
 
+def test_host_arrays_travel_packed_and_come_back_whole():
+    """A call's host arrays go to the device as one int32 buffer, each on a 256-byte boundary
+    (Mosaic GPU kernels want aligned inputs), and the compiled function gets them back with
+    their shapes, dtypes and values; device arguments before them pass through untouched."""
+    from jaxserve.engine import _PACK_ALIGN, _pack_host_arrays
+
+    rng = np.random.default_rng(3)
+    host = (
+        rng.integers(-5, 5, (3,)).astype(np.int32),
+        {"t": rng.integers(0, 9, (2, 5)).astype(np.int32), "f": rng.random(7).astype(np.float32)},
+        np.array([2**32 - 1, 7], np.uint32),
+        np.array([[True, False, True]]),
+    )
+    device = jax.numpy.arange(4.0)
+
+    def fn(d, a, tree, u, b):
+        return d * 2, a, tree, u, b
+
+    packed, args = _pack_host_arrays(fn, (device, *host))
+    assert len(args) == 2 and args[0] is device
+    (pack,) = args[1:]
+    assert pack.dtype == np.int32 and pack.size % _PACK_ALIGN == 0
+    assert pack.size == _PACK_ALIGN * 5  # five arrays, each padded to a boundary
+    d, a, tree, u, b = jax.jit(packed)(*args)
+    np.testing.assert_array_equal(d, np.arange(4.0) * 2)
+    for got, want in zip(jax.tree.leaves((a, tree, u, b)), jax.tree.leaves(host), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(TypeError, match="not packable"):
+        _pack_host_arrays(fn, (device, np.zeros(2, np.int64)))
+
+
 def test_bucket_ladders():
     assert geometric_upto(256, 8, 2) == (8, 16, 32, 64, 128, 256)
     # 4x apart below the knee, 2x above, always ending at the maximum.
