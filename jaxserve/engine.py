@@ -407,14 +407,18 @@ class Engine:
         background (`warmup(background=True)`), that is the smallest of those compiled so far
         that fits (a larger one pads more, and is never wrong); after, the exact bucket."""
         is_decode = op == _OP_DECODE
-        need = max((len(r.block_table) for r in rows), default=1)
         buckets = self.cfg.decode_buckets if is_decode else self.cfg.prefill_buckets
-        exact = (pick(buckets, n), pick(self.page_buckets(is_decode), max(need, 1)))
+        exact = (pick(buckets, n), self._page_bucket(rows, is_decode))
+        need = max((len(r.block_table) for r in rows), default=1)
         ready = self._ready  # one read: the compile threads replace it, never change it
         if ready is None or exact in ready.get(op, ()):
             return exact
         fits = [k for k in ready.get(op, ()) if k[0] >= n and k[1] >= need]
         return min(fits) if fits else exact
+
+    def _page_bucket(self, rows: list[ScheduledSeq], is_decode: bool) -> int:
+        need = max((len(r.block_table) for r in rows), default=1)
+        return pick(self.page_buckets(is_decode), max(need, 1))
 
     def _tables(self, rows: list[ScheduledSeq], num_rows: int, p: int) -> np.ndarray:
         tables = np.zeros((num_rows, p), np.int32)
@@ -462,9 +466,7 @@ class Engine:
     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
         """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
         of the sampler compiled for rows like `kinds` (a superset of theirs serves them too)."""
-        b = pick(self.cfg.decode_buckets, len(rows))
-        need = max((len(r.block_table) for r in rows), default=1)
-        p = pick(self.page_buckets(True), max(need, 1))
+        b, p = pick(self.cfg.decode_buckets, len(rows)), self._page_bucket(rows, True)
         tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b, p)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
