@@ -408,17 +408,13 @@ class Engine:
         that fits (a larger one pads more, and is never wrong); after, the exact bucket."""
         is_decode = op == _OP_DECODE
         buckets = self.cfg.decode_buckets if is_decode else self.cfg.prefill_buckets
-        exact = (pick(buckets, n), self._page_bucket(rows, is_decode))
-        need = max((len(r.block_table) for r in rows), default=1)
+        need = _pages_needed(rows)
+        exact = (pick(buckets, n), pick(self.page_buckets(is_decode), need))
         ready = self._ready  # one read: the compile threads replace it, never change it
         if ready is None or exact in ready.get(op, ()):
             return exact
         fits = [k for k in ready.get(op, ()) if k[0] >= n and k[1] >= need]
         return min(fits) if fits else exact
-
-    def _page_bucket(self, rows: list[ScheduledSeq], is_decode: bool) -> int:
-        need = max((len(r.block_table) for r in rows), default=1)
-        return pick(self.page_buckets(is_decode), max(need, 1))
 
     def _tables(self, rows: list[ScheduledSeq], num_rows: int, p: int) -> np.ndarray:
         tables = np.zeros((num_rows, p), np.int32)
@@ -466,7 +462,8 @@ class Engine:
     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
         """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
         of the sampler compiled for rows like `kinds` (a superset of theirs serves them too)."""
-        b, p = pick(self.cfg.decode_buckets, len(rows)), self._page_bucket(rows, True)
+        b = pick(self.cfg.decode_buckets, len(rows))
+        p = pick(self.page_buckets(True), _pages_needed(rows))
         tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b, p)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
@@ -723,37 +720,33 @@ class Engine:
         (default: the last step's)."""
         if op == _OP_SAMPLE and logits is None:
             logits = self._logits[flags[0]]
-        key = (op, flags, *self._arg_key(arrays))
+        key = (op, flags, *((a.shape, a.dtype.char) for a in arrays))
         if op == _OP_SAMPLE:
             key += (logits.shape,)
-        fn, donate, args = self._call(op, arrays, flags, kv, logits)
-        fn, args = _pack_host_arrays(fn, args)
+        fn, donate, device_args, host_args = self._call(op, arrays, flags, kv, logits)
+        fn, args = _pack_host_arrays(fn, device_args, host_args)
         exe = self._executables.get(key)
         if exe is None:
             jitted = jax.jit(fn, donate_argnums=donate)
             exe = self._executables[key] = self._store.compile(key, jitted, args)
         return exe, args
 
-    @staticmethod
-    def _arg_key(arrays: tuple[np.ndarray, ...]) -> tuple:
-        return tuple((a.shape, a.dtype.char) for a in arrays)
-
     def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits):
         """The function of a device call with its static parts bound, the indices of the
-        arguments it donates (the KV cache) and its arguments."""
+        arguments it donates (the KV cache), its device arguments and then its host ones."""
         if op == _OP_COPY:
-            return _copy_pages, (0,), (kv, *arrays)
+            return _copy_pages, (0,), (kv,), arrays
         if op == _OP_SAMPLE:
             fn = functools.partial(sample, **_flag_kwargs(flags[1:]))
-            return fn, (), (logits, arrays[0], _batch_of(arrays[1:]))
+            return fn, (), (logits,), (arrays[0], _batch_of(arrays[1:]))
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
             fn = functools.partial(
                 _decode_run, self._mdef, self.cfg.decode_steps, _flag_kwargs(flags)
             )
-            args = (self._params, kv, tokens, positions, last_pos, meta, _batch_of(sampling))
-            return fn, (1,), args
+            host = (tokens, positions, last_pos, meta, _batch_of(sampling))
+            return fn, (1,), (self._params, kv), host
         tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
         meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
         fn = {
@@ -761,18 +754,18 @@ class Engine:
             _OP_PREFILL: _prefill_step,
             _OP_PREFILL_LOGPROBS: _prefill_step_with_prompt_logprobs,
         }[op]
-        args = (self._params, kv, tokens, positions, meta, *rest)
-        return functools.partial(fn, self._mdef), (1,), args
+        host = (tokens, positions, meta, *rest)
+        return functools.partial(fn, self._mdef), (1,), (self._params, kv), host
 
     def _compile(
         self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], logits=None
-    ) -> None:
-        """Compile a device call without running it (any thread); later calls with the same
-        shapes use it."""
+    ) -> jax.stages.Compiled | None:
+        """Compile a device call without running it (any thread) and return it; later calls
+        with the same shapes use it."""
         if self._channel is not None:
-            return  # every process must compile in step; they do so on the call itself
+            return None  # every process must compile in step; they do so on the call itself
         with self._mesh_context():
-            self._executable(op, arrays, flags, self._kv_shapes(), logits)
+            return self._executable(op, arrays, flags, self._kv_shapes(), logits)[0]
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -866,20 +859,20 @@ class Engine:
             jobs = self._warm_jobs + list(self._run_compiles.values())
         return sum(not job.done() for job in jobs)
 
-    def _compile_step(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]) -> None:
-        """Compile one warm-up step; a decode step's greedy multi-step run compiles after it (it
-        has the step's matmuls, so it reuses the step's GEMM autotuning)."""
-        self._compile(op, self._step_arrays(op, key, rows), ())
+    def _compile_step(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]):
+        """Compile one warm-up step and return it; a decode step's greedy multi-step run
+        compiles after it (it has the step's matmuls, so it reuses the step's GEMM autotuning)."""
+        exe = self._compile(op, self._step_arrays(op, key, rows), ())
         if op == _OP_DECODE and self.cfg.decode_steps > 1:
             self._run_compile((*key, True, False, False))
+        return exe
 
     def _warm_in_background(self, op: int, key: tuple[int, int], rows: list[ScheduledSeq]) -> None:
         """Compile a step shape, and for decode the greedy sampler of its logits, then let steps
         use it. The last one to finish ends the background warm-up."""
         try:
-            self._compile_step(op, key, rows)
+            exe = self._compile_step(op, key, rows)
             if op == _OP_DECODE:
-                exe = self._executables[(op, (), *self._arg_key(self._step_arrays(op, key, rows)))]
                 out = exe.out_info[0]
                 logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
                 arrays, flags = self._sample_arrays(list(range(key[0])), [RowSpec(0.0)] * key[0])
@@ -934,28 +927,26 @@ class Engine:
         return self.cfg.decode_buckets + (max(self.cfg.decode_buckets) * 16,)
 
 
+def _pages_needed(rows: list[ScheduledSeq]) -> int:
+    """The longest block table of a step's rows (at least one page)."""
+    return max([1, *(len(r.block_table) for r in rows)])
+
+
 # int32 words: XLA hands a kernel a slice of a buffer as a view into it, and Mosaic GPU kernels
 # want their inputs 256-byte aligned.
 _PACK_ALIGN = 64
 
 
-def _pack_host_arrays(fn, args: tuple) -> tuple:
-    """`fn` and `args` with every host (numpy) array of `args` packed into one int32 buffer.
+def _pack_host_arrays(fn, device: tuple, host: tuple) -> tuple:
+    """`fn(*device, *host)` as a function of the device arguments and one int32 buffer holding
+    every numpy array of `host`, and those arguments.
 
     A call's arguments are device values (params, cache, logits) followed by the step's small
     host arrays (tokens, positions, block tables, sampling parameters...). Passed one by one,
     each is its own transfer: at batch 1 preparing and dispatching a multi-step run cost ~3 ms
     of host time while the device idled (Llama-3.2-1B: 3.1 ms against 10.5 ms of device time).
     Packed, they go over in one transfer and the compiled function slices them back out."""
-    first = next(
-        (
-            i
-            for i, a in enumerate(args)
-            if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(a))
-        ),
-        len(args),
-    )
-    leaves, treedef = jax.tree.flatten(args[first:])
+    leaves, treedef = jax.tree.flatten(host)
     layout = []
     for x in leaves:
         if not isinstance(x, np.ndarray) or (x.dtype.itemsize != 4 and x.dtype != np.bool_):
@@ -970,8 +961,8 @@ def _pack_host_arrays(fn, args: tuple) -> tuple:
         words += [w.view(np.int32), np.zeros(-w.size % _PACK_ALIGN, np.int32)]
     pack = np.concatenate(words) if words else np.zeros(0, np.int32)
 
-    def packed(*device_args_and_pack):
-        *device_args, buf = device_args_and_pack
+    def packed(*device_and_pack):
+        *device_args, buf = device_and_pack
         out, off = [], 0
         for shape, dtype in layout:
             n = math.prod(shape)
@@ -984,7 +975,7 @@ def _pack_host_arrays(fn, args: tuple) -> tuple:
             off += n + -n % _PACK_ALIGN
         return fn(*device_args, *jax.tree.unflatten(treedef, out))
 
-    return packed, (*args[:first], pack)
+    return packed, (*device, pack)
 
 
 def _log_compile_failure(key: tuple, future: concurrent.futures.Future) -> None:

@@ -336,7 +336,7 @@ def test_host_arrays_travel_packed_and_come_back_whole():
     def fn(d, a, tree, u, b):
         return d * 2, a, tree, u, b
 
-    packed, args = _pack_host_arrays(fn, (device, *host))
+    packed, args = _pack_host_arrays(fn, (device,), host)
     assert len(args) == 2 and args[0] is device
     (pack,) = args[1:]
     assert pack.dtype == np.int32 and pack.size % _PACK_ALIGN == 0
@@ -347,7 +347,7 @@ def test_host_arrays_travel_packed_and_come_back_whole():
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(TypeError, match="not packable"):
-        _pack_host_arrays(fn, (device, np.zeros(2, np.int64)))
+        _pack_host_arrays(fn, (device,), (np.zeros(2, np.int64),))
 
 
 def test_bucket_ladders():
