@@ -16,7 +16,10 @@ loads them instead of compiling.
 
 Multi-step decoding (`execute_run`): `decode_steps` decode iterations in one compiled call, each
 sampling on device and feeding its tokens to the next, so the host's per-call cost (argument
-transfer, launch, read-back, scheduling) is paid once per run instead of once per token.
+transfer, launch, read-back, scheduling) is paid once per run instead of once per token. A run
+is dispatched (`dispatch_run`) and read back (`collect_run`) apart: a run planned while the one
+before it computes (`StepPlan.follows_run`) takes that run's last samples as its input tokens
+from a small device buffer every run leaves them in, so the host never waits between the two.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class EngineConfig:
     # `execute_run`); 1 turns multi-step decoding off; 0 = 8 with a kernel decode backend, else 1
     # (the CPU's reference path, where compute dwarfs the per-call cost).
     decode_steps: int = 0
+    # Plan and dispatch the next multi-step run while one computes (`LLMEngine`).
+    async_scheduling: bool = True
     # Reuse the K/V of full pages whose whole token prefix was computed before (the scheduler's).
     enable_prefix_caching: bool = True
     kv_cache_cpu_bytes: int = 1 << 30  # cache size on CPU, which reports no free memory
@@ -140,6 +145,16 @@ class StepResult:
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
     # request_id -> list of (position, {token: logprob}) for prompt positions computed this step
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
+
+
+@dataclass
+class PendingRun:
+    """A dispatched multi-step run: its plan, its rows' sampling specs and its device output
+    (read back by `Engine.collect_run`)."""
+
+    plan: StepPlan
+    row_specs: list[RowSpec]
+    out: dict
 
 
 @dataclass
@@ -193,13 +208,26 @@ def _prefill_step_with_prompt_logprobs(
 
 
 def _decode_run(
-    mdef, num_steps, sample_flags, params, kv, tokens, positions, last_pos, meta, batch
+    mdef,
+    num_steps,
+    sample_flags,
+    params,
+    kv,
+    carry,
+    tokens,
+    positions,
+    last_pos,
+    meta,
+    batch,
+    follows,
 ):
     """`num_steps` decode iterations in one call. Each samples every row's next token on device
     and feeds it back as the row's next input at the next position; the slot each writes comes
     from the row's block table. A row past its `last_pos` (and a padding row, `seq_lens == 0`)
-    writes into page 0 and attends to nothing. Returns the sampler's outputs stacked over the
-    steps ([num_steps, R, ...]) and the cache."""
+    writes into page 0 and attends to nothing. The input tokens are `tokens`, or when `follows`
+    the previous run's last samples, which every run leaves at the front of `carry`. Returns the
+    sampler's outputs stacked over the steps ([num_steps, R, ...]), the cache and `carry`."""
+    tokens = jnp.where(follows, carry[: tokens.shape[0]], tokens)
     page_size = kv[0][0].shape[2]
     rows = jnp.arange(tokens.shape[0])
     in_use = meta.seq_lens > 0
@@ -218,8 +246,8 @@ def _decode_run(
         out = sample(model.logits(h), rows, b, **sample_flags)
         return (kv, out["tokens"], pos + 1), out
 
-    (kv, _, _), outs = jax.lax.scan(step, (kv, tokens, positions), jnp.arange(num_steps))
-    return outs, kv
+    (kv, last, _), outs = jax.lax.scan(step, (kv, tokens, positions), jnp.arange(num_steps))
+    return outs, kv, sharding.constrain_replicated(carry.at[: last.shape[0]].set(last))
 
 
 def _copy_pages(kv, src, dst):
@@ -298,6 +326,14 @@ class Engine:
             else sharding.kv_sharding(self.model_config, mesh)
         )
         self._kv_shape, self._kv_sharding = shape, kv_device
+        # The last multi-step run's final samples, one per row of the largest decode bucket.
+        self._carry_sharding = (
+            kv_device
+            if mesh is None
+            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+        self._carry = jnp.zeros(max(cfg.decode_buckets), jnp.int32, device=self._carry_sharding)
+        self._last_run_rows: list[int] = []
         self.kv: KVCache = [
             (
                 jnp.zeros(shape, self.kv_dtype, device=kv_device),
@@ -458,17 +494,32 @@ class Engine:
         return tokens, positions, slots, tables, seq_lens, cu
 
     def _run_arrays(
-        self, rows: list[ScheduledSeq], specs: list[RowSpec], kinds: list[RowSpec]
+        self,
+        rows: list[ScheduledSeq],
+        specs: list[RowSpec],
+        kinds: list[RowSpec],
+        follows: bool = False,
     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
         """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
-        of the sampler compiled for rows like `kinds` (a superset of theirs serves them too)."""
+        of the sampler compiled for rows like `kinds` (a superset of theirs serves them too);
+        `follows`: its input tokens are the previous run's last samples."""
         b = pick(self.cfg.decode_buckets, len(rows))
         p = pick(self.page_buckets(True), _pages_needed(rows))
         tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b, p)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
         batch, _ = SamplingBatch.build(specs, b)
-        arrays = (tokens, positions, last_pos, slots, tables, seq_lens, cu, *_batch_arrays(batch))
+        arrays = (
+            tokens,
+            positions,
+            last_pos,
+            slots,
+            tables,
+            seq_lens,
+            cu,
+            np.array(follows),
+            *_batch_arrays(batch),
+        )
         return arrays, _flag_ints(sampler_flags(kinds))
 
     def _run_prefill(
@@ -551,21 +602,38 @@ class Engine:
     def execute_run(
         self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
     ) -> RunResult:
-        """Run a multi-step plan (`Scheduler.schedule_decode_run`): `decode_steps` decode
-        iterations in one device call; row i keeps its first `num_steps` tokens. `kinds`: the
-        rows `decode_run_ready` was asked about, whose sampler variant to use (default: the
-        plan's own rows)."""
+        """Run a multi-step plan (`Scheduler.schedule_decode_run`) and read its tokens back:
+        `dispatch_run` then `collect_run`."""
+        return self.collect_run(self.dispatch_run(plan, specs, kinds))
+
+    def dispatch_run(
+        self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
+    ) -> PendingRun:
+        """Start a multi-step plan: `decode_steps` decode iterations in one device call; row i
+        keeps its first `num_steps` tokens. `kinds`: the rows `decode_run_ready` was asked
+        about, whose sampler variant to use (default: the plan's own rows). A plan that
+        `follows_run` must have the rows of the run dispatched last, in its order."""
         rows = plan.decode
         if plan.prefill or plan.num_steps > self.cfg.decode_steps:
             raise ValueError(
                 f"plan: a run is decode rows only, of at most {self.cfg.decode_steps} steps"
             )
+        seq_ids = [r.seq_id for r in rows]
+        if plan.follows_run and seq_ids != self._last_run_rows:
+            raise ValueError("plan: follows a run, but not the rows of the last one dispatched")
         if plan.page_copies:
             self._copy(plan.page_copies)
         row_specs = [specs[r.seq_id] for r in rows]
-        arrays, flags = self._run_arrays(rows, row_specs, kinds or row_specs)
-        out = jax.device_get(self._device(_OP_DECODE_RUN, arrays, flags))
+        arrays, flags = self._run_arrays(rows, row_specs, kinds or row_specs, plan.follows_run)
+        out = self._device(_OP_DECODE_RUN, arrays, flags)
+        self._last_run_rows = seq_ids
+        return PendingRun(plan, row_specs, out)
+
+    def collect_run(self, pending: PendingRun) -> RunResult:
+        """Wait for a dispatched run and return each row's tokens (and logprobs)."""
+        out = jax.device_get(pending.out)
         result = RunResult()
+        rows, row_specs = pending.plan.decode, pending.row_specs
         for i, (r, spec) in enumerate(zip(rows, row_specs, strict=True)):
             toks = [int(t) for t in out["tokens"][: r.num_steps, i]]
             result.tokens[r.seq_id] = toks
@@ -702,7 +770,7 @@ class Engine:
             if op == _OP_SAMPLE:
                 return self._readable(exe(*args))
             if op == _OP_DECODE_RUN:
-                out, self.kv = exe(*args)
+                out, self.kv, self._carry = exe(*args)
                 return self._readable(out)
             if op in (_OP_DECODE, _OP_PREFILL):
                 self._logits[op], self.kv = exe(*args)
@@ -712,18 +780,25 @@ class Engine:
             return self._readable({"target_lp": tlp, "top_ids": top_ids, "top_lp": top_lp})
 
     def _executable(
-        self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits=None
+        self,
+        op: int,
+        arrays: tuple[np.ndarray, ...],
+        flags: tuple[int, ...],
+        kv,
+        logits=None,
+        carry=None,
     ):
         """The compiled device call for these argument shapes (compiled, or loaded from the
         executable store, on first use) and its arguments. `kv` is the cache, or its shapes
         (`_kv_shapes`) to compile a call without running it; likewise `logits` for the sampler
-        (default: the last step's)."""
+        (default: the last step's) and a run's `carry` (default: the engine's)."""
         if op == _OP_SAMPLE and logits is None:
             logits = self._logits[flags[0]]
         key = (op, flags, *((a.shape, a.dtype.char) for a in arrays))
         if op == _OP_SAMPLE:
             key += (logits.shape,)
-        fn, donate, device_args, host_args = self._call(op, arrays, flags, kv, logits)
+        carry = self._carry if carry is None else carry
+        fn, donate, device_args, host_args = self._call(op, arrays, flags, kv, logits, carry)
         fn, args = _pack_host_arrays(fn, device_args, host_args)
         exe = self._executables.get(key)
         if exe is None:
@@ -731,22 +806,25 @@ class Engine:
             exe = self._executables[key] = self._store.compile(key, jitted, args)
         return exe, args
 
-    def _call(self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits):
+    def _call(
+        self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits, carry
+    ):
         """The function of a device call with its static parts bound, the indices of the
-        arguments it donates (the KV cache), its device arguments and then its host ones."""
+        arguments it donates (the KV cache, a run's carry), its device arguments and then its
+        host ones."""
         if op == _OP_COPY:
             return _copy_pages, (0,), (kv,), arrays
         if op == _OP_SAMPLE:
             fn = functools.partial(sample, **_flag_kwargs(flags[1:]))
             return fn, (), (logits,), (arrays[0], _batch_of(arrays[1:]))
         if op == _OP_DECODE_RUN:
-            tokens, positions, last_pos, slots, tables, seq_lens, cu, *sampling = arrays
+            tokens, positions, last_pos, slots, tables, seq_lens, cu, follows, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
             fn = functools.partial(
                 _decode_run, self._mdef, self.cfg.decode_steps, _flag_kwargs(flags)
             )
-            host = (tokens, positions, last_pos, meta, _batch_of(sampling))
-            return fn, (1,), (self._params, kv), host
+            host = (tokens, positions, last_pos, meta, _batch_of(sampling), follows)
+            return fn, (1, 2), (self._params, kv, carry), host
         tokens, positions, slots, tables, seq_lens, cu, *rest = arrays
         meta = self._meta(slots, tables, seq_lens, cu, op == _OP_DECODE)
         fn = {
@@ -764,8 +842,9 @@ class Engine:
         with the same shapes use it."""
         if self._channel is not None:
             return None  # every process must compile in step; they do so on the call itself
+        carry = jax.ShapeDtypeStruct(self._carry.shape, jnp.int32, sharding=self._carry_sharding)
         with self._mesh_context():
-            return self._executable(op, arrays, flags, self._kv_shapes(), logits)[0]
+            return self._executable(op, arrays, flags, self._kv_shapes(), logits, carry)[0]
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)

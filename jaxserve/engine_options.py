@@ -1,10 +1,12 @@
 """The engine options that `jaxserve serve` and `python -m jaxserve.bench` both take.
 
-(flag, type, help) rows; each command adds its own few. Pure data: no JAX import, so the command
-lines stay light to parse.
+(flag, type, help) rows and the on-by-default features' `--no-...` switches; each command adds its
+own few. No JAX import, so the command lines stay light to parse.
 """
 
 from __future__ import annotations
+
+import argparse
 
 EngineOption = tuple[str, type, str]
 
@@ -23,3 +25,26 @@ SHARED_ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     ("--tensor-parallel-size", int, "devices that split each layer's heads, MLP and vocabulary"),
     ("--expert-parallel-size", int, "devices that split MoE experts (times the tensor size)"),
 )
+
+# (flag, EngineConfig field it turns off, help): features on by default.
+ENGINE_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    (
+        "--no-prefix-caching",
+        "enable_prefix_caching",
+        "recompute every prompt instead of reusing cached K/V of shared prefixes",
+    ),
+    (
+        "--no-async-scheduling",
+        "async_scheduling",
+        "read each multi-step run back before planning the next (default: plan and dispatch "
+        "the next run while one computes)",
+    ),
+)
+
+
+def add_engine_switches(group: argparse._ArgumentGroup) -> None:
+    """The `ENGINE_SWITCHES`; each leaves its field None unless given (then False)."""
+    for flag, dest, text in ENGINE_SWITCHES:
+        group.add_argument(
+            flag, dest=dest, action="store_const", const=False, default=None, help=text
+        )

@@ -5,6 +5,12 @@ detokenizers and stop strings, logprobs, metrics, and the output deltas handed b
 Each `step()` asks the scheduler for a plan, runs it on the `Engine`, feeds sampled tokens back to the
 scheduler and turns them into `RequestOutput` deltas. Not thread-safe: one thread drives it (the
 offline `LLM` loop or the server's engine loop).
+
+Asynchronous scheduling (`EngineConfig.async_scheduling`): while every sequence keeps decoding in
+multi-step runs, a step dispatches the next run before it reads back the one in flight, so the
+device computes while the host applies tokens, streams text and plans. A sequence that stops
+(a stop token or string) computes one run past its end, which is dropped; a request that arrives
+meanwhile is admitted one run later.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from jax.sharding import Mesh
 import models
 from jaxserve import compile_cache, sharding
 from jaxserve.beam_search import BeamSearch
-from jaxserve.engine import Engine, EngineConfig
+from jaxserve.engine import Engine, EngineConfig, PendingRun
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.sampling import RowSpec
 from jaxserve.sampling_params import SamplingParams
@@ -106,6 +112,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.decode_runs_total = 0  # multi-step decode calls
+        # A run dispatched and not yet read back, with the sampling kinds it was compiled for.
+        self._inflight: tuple[PendingRun, list[RowSpec]] | None = None
         _freeze_heap()
 
     # ---- construction -------------------------------------------------------------------------
@@ -125,6 +133,7 @@ class LLMEngine:
         attention_backend: str = "auto",
         enable_prefix_caching: bool = True,
         decode_steps: int = 0,
+        async_scheduling: bool = True,
         seed: int = 0,
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
@@ -164,6 +173,7 @@ class LLMEngine:
             attention_backend=attention_backend,
             enable_prefix_caching=enable_prefix_caching,
             decode_steps=decode_steps,
+            async_scheduling=async_scheduling,
         )
         return cls(lm, tokenizer, config, model_name=_model_name(path), seed=seed, mesh=mesh)
 
@@ -174,7 +184,7 @@ class LLMEngine:
             "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
             "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
             "enable_prefix_caching", "tensor_parallel_size", "expert_parallel_size",
-            "decode_steps",
+            "decode_steps", "async_scheduling",
         )  # fmt: skip
         given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         return cls.from_pretrained(args.model, **given)
@@ -295,25 +305,35 @@ class LLMEngine:
         self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return bool(self._requests) or bool(self._aborted) or self._inflight is not None
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the new tokens/text of every request that advanced."""
         outputs = [self._output(r) for r in self._aborted]
         self._aborted = []
-        plan, kinds = self._schedule_run()
-        if plan is not None:
-            specs, _ = self._row_specs(plan)
-            run = self.engine.execute_run(plan, specs, kinds)
-            self.decode_runs_total += 1
-            updates = self.scheduler.update_run(plan, run.tokens)
-            per_seq = {sid: iter(lps) for sid, lps in run.logprobs.items()}
-            logprobs = [next(per_seq[u.seq_id]) if u.seq_id in per_seq else None for u in updates]
-            return outputs + self._flush(self._apply_updates(updates, logprobs).values())
+        try:
+            return outputs + self._step()
+        except Exception:
+            # Nothing in flight is read back: the scheduler forgets what it planned (the
+            # caller fails and aborts the requests).
+            self._inflight = None
+            self.scheduler.cancel_pending()
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        if self._inflight is None:
+            plan, kinds = self._schedule_run()
+            if plan is not None:
+                self._inflight = self._dispatch_run(plan, kinds, 0)
+        if self._inflight is not None:
+            (current, kinds), self._inflight = self._inflight, None
+            if self.engine.cfg.async_scheduling:
+                self._inflight = self._dispatch_next_run(current.plan, kinds)
+            return self._collect_run(current)
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return outputs
+            return []
         now = time.time()
         specs, targets = self._row_specs(plan)
         for row in (*plan.decode, *plan.prefill):
@@ -332,7 +352,32 @@ class LLMEngine:
         touched = self._apply_updates(updates, [result.logprobs.get(u.seq_id) for u in updates])
         for req in self._advance_beams(plan, result.logprobs):
             touched[req.request_id] = req
-        return outputs + self._flush(touched.values())
+        return self._flush(touched.values())
+
+    def _dispatch_run(
+        self, plan: StepPlan, kinds: list[RowSpec], ahead: int
+    ) -> tuple[PendingRun, list[RowSpec]]:
+        specs, _ = self._row_specs(plan, ahead)
+        self.decode_runs_total += 1
+        return self.engine.dispatch_run(plan, specs, kinds), kinds
+
+    def _dispatch_next_run(
+        self, prev: StepPlan, kinds: list[RowSpec]
+    ) -> tuple[PendingRun, list[RowSpec]] | None:
+        """Dispatches the run after `prev` (in flight) if the scheduler can plan it before
+        `prev`'s tokens are known (`Scheduler.schedule_next_run`)."""
+        steps = self.engine.cfg.decode_steps
+        plan = self.scheduler.schedule_next_run(
+            steps, lambda rows, context: self.engine.decode_run_ready(rows, context, kinds)
+        )
+        return None if plan is None else self._dispatch_run(plan, kinds, prev.num_steps)
+
+    def _collect_run(self, pending: PendingRun) -> list[RequestOutput]:
+        run = self.engine.collect_run(pending)
+        updates = self.scheduler.update_run(pending.plan, run.tokens)
+        per_seq = {sid: iter(lps) for sid, lps in run.logprobs.items()}
+        logprobs = [next(per_seq[u.seq_id]) if u.seq_id in per_seq else None for u in updates]
+        return self._flush(self._apply_updates(updates, logprobs).values())
 
     def _schedule_run(self) -> tuple[StepPlan | None, list[RowSpec]]:
         """A multi-step decode plan when every request allows one (no beam search, penalties or
@@ -452,7 +497,12 @@ class LLMEngine:
             done.append(req)
         return done
 
-    def _row_specs(self, plan: StepPlan) -> tuple[dict[int, RowSpec], dict[int, np.ndarray]]:
+    def _row_specs(
+        self, plan: StepPlan, ahead: int = 0
+    ) -> tuple[dict[int, RowSpec], dict[int, np.ndarray]]:
+        """Each sampled row's `RowSpec` and each prefill row's prompt-logprob targets. `ahead`:
+        tokens every row has sampled that are not applied yet (a run planned while the run
+        before it computes)."""
         specs: dict[int, RowSpec] = {}
         targets: dict[int, np.ndarray] = {}
         for row in (*plan.decode, *plan.prefill):
@@ -488,7 +538,7 @@ class LLMEngine:
                     presence_penalty=p.presence_penalty,
                     frequency_penalty=p.frequency_penalty,
                     seed=_sample_seed(req.seed, index),
-                    step=len(s.token_ids),
+                    step=len(s.token_ids) + ahead,
                     prompt_ids=tuple(req.prompt_ids) if p.repetition_penalty != 1.0 else (),
                     output_ids=tuple(s.token_ids) if p.uses_penalties else (),
                     banned_ids=banned,

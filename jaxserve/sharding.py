@@ -158,6 +158,14 @@ def constrain_kv(kv: list[tuple[jax.Array, jax.Array]]) -> list[tuple[jax.Array,
     ]
 
 
+def constrain_replicated(x: jax.Array) -> jax.Array:
+    """Pin a step's output to a full copy on every device of the mesh it is traced under (what
+    a donated replicated input needs back to be updated in place); a no-op outside a mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
 def device_bytes(tree: Any) -> int:
     """The most bytes any one device holds of the arrays in `tree` (this process's devices)."""
     per_device: dict[jax.Device, int] = {}

@@ -19,7 +19,12 @@ from typing import Any, TextIO
 
 import grpc
 
-from jaxserve.engine_options import SHARED_ENGINE_OPTIONS, EngineOption
+from jaxserve.engine_options import (
+    ENGINE_SWITCHES,
+    SHARED_ENGINE_OPTIONS,
+    EngineOption,
+    add_engine_switches,
+)
 from serving.client import Client
 from serving.engine_loop import Engine
 
@@ -71,14 +76,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     engine = serve.add_argument_group("engine")
     for flag, kind, text in ENGINE_OPTIONS:
         engine.add_argument(flag, type=kind, default=None, help=text)
-    engine.add_argument(
-        "--no-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_const",
-        const=False,
-        default=None,
-        help="recompute every prompt instead of reusing cached K/V of shared prefixes",
-    )
+    add_engine_switches(engine)
     hosts = serve.add_argument_group(
         "multi-host", "one model over the devices of several processes (docs/multi_host.md)"
     )
@@ -121,7 +119,7 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
 def engine_args(args: argparse.Namespace) -> argparse.Namespace:
     """Only the engine's options, so the factory cannot come to depend on server flags."""
     names = [flag[2:].replace("-", "_") for flag, _, _ in ENGINE_OPTIONS]
-    names.append("enable_prefix_caching")
+    names += [dest for _, dest, _ in ENGINE_SWITCHES]
     return argparse.Namespace(model=args.model, **{name: getattr(args, name) for name in names})
 
 

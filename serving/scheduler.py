@@ -22,9 +22,14 @@ Multi-step decoding (`schedule_decode_run(k)`): when every running sequence is p
 and no waiting one has a batch slot to take, one plan covers up to k decode iterations per sequence, run by the engine in one
 device call that feeds each sampled token back on device; `update_run` then appends the tokens in
 order and applies the finish rules after each, dropping what a sequence sampled past its end.
+While a run computes, `schedule_next_run` may plan the one after it on the assumption that no
+sequence stops: the engine feeds that run the first one's last samples on device, so the host
+schedules while the device computes. A sequence that does stop in the first run wastes its rows
+of the second, whose `update_run` skips it.
 
 Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
-alternate; `update` must see every non-empty plan
+alternate, except that one `schedule_next_run` plan may follow a run before its update; plans are
+updated in the order they were made. `update` must see every non-empty plan
 (with `{}` when it samples nothing). `add_request`, `abort_request` and `finish_seq` may be called
 at any point in between; the beam primitives after `update`, before the next `schedule()`.
 """
@@ -77,6 +82,9 @@ class StepPlan:
     # Decode iterations the device runs (> 1 only for a `schedule_decode_run` plan); each row
     # keeps the tokens of its own `num_steps` and drops the rest.
     num_steps: int = 1
+    # A `schedule_next_run` plan: the same rows as the run before it, whose last samples (on the
+    # device, not yet known here) are its input tokens; `token_ids` then hold -1.
+    follows_run: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -188,7 +196,9 @@ class Scheduler:
         self._seqs: dict[int, _Seq] = {}  # live (waiting or running)
         self._requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self._pending_plan: StepPlan | None = None
+        # Plans scheduled and not yet updated, oldest first (two only while a run computes and
+        # the next one is planned ahead of its update).
+        self._pending: deque[StepPlan] = deque()
 
     @property
     def num_running(self) -> int:
@@ -316,7 +326,7 @@ class Scheduler:
         or their next prompt chunk), preempting from the newest when pages run out; then, if
         nothing was preempted, waiting sequences in FCFS order while budget, slots and pages last,
         each starting after its cached prefix. Beams awaiting the search's decision sit out."""
-        if self._pending_plan is not None:
+        if self._pending:
             raise RuntimeError("update() the previous plan before scheduling the next step")
         bm = self.block_manager
         budget = self.max_num_batched_tokens
@@ -408,7 +418,8 @@ class Scheduler:
                 self._running += [seq, *children]
 
         plan = StepPlan(decode=decode, prefill=prefill, page_copies=copies, preempted=preempted)
-        self._pending_plan = None if plan.is_empty else plan
+        if not plan.is_empty:
+            self._pending.append(plan)
         return plan
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[SeqUpdate]:
@@ -418,8 +429,7 @@ class Scheduler:
         update: they await the beam search (`append_token` / `fork_seq` / `free_seq`)."""
         if plan.is_empty:
             return []
-        if plan is not self._pending_plan:
-            raise ValueError("plan: not the plan returned by the last schedule()")
+        self._check_pending(plan)
         if plan.num_steps > 1:
             raise ValueError("plan: a multi-step run; use update_run")
         targets = [
@@ -431,12 +441,12 @@ class Scheduler:
         missing = [seq.seq_id for seq in targets if seq.seq_id not in sampled]
         if missing:
             raise ValueError(f"sampled: no token for seq ids {missing}")
-        self._pending_plan = None
+        self._pending.popleft()
         if self.enable_prefix_caching:
             for row in (*plan.decode, *plan.prefill):
                 seq = self._seqs.get(row.seq_id)
                 if seq is not None:
-                    self._register_full_pages(seq)
+                    self._register_full_pages(seq, seq.num_computed)
         updates = []
         for seq in targets:
             if seq.request.beam_width:
@@ -457,16 +467,11 @@ class Scheduler:
         engine: is such a run compiled?) says no. Each row takes the steps its limits
         (`max_tokens`, `max_model_len`) leave, at most `num_steps`, and its table covers them;
         its `num_computed` advances by them."""
-        if self._pending_plan is not None:
+        if self._pending:
             raise RuntimeError("update() the previous plan before scheduling the next step")
         if not self._running:
             return None
-        # A waiting sequence that has a batch slot to go to is admitted by a plain step first;
-        # one that has none (all slots busy) waits for a sequence to finish either way.
-        first = next((s for s in self._waiting if not s.awaiting), None)
-        if first is not None and (
-            self._slots_in_use() + self._slots_to_admit(first) <= self.max_num_seqs
-        ):
+        if self._admissible():
             return None
         steps: list[int] = []
         for seq in self._running:
@@ -483,6 +488,49 @@ class Scheduler:
                 self.max_model_len - len(seq.token_ids),
             )
             steps.append(max(1, min(num_steps, left)))
+        return self._plan_run(steps, ready, follows_run=False)
+
+    def schedule_next_run(
+        self, num_steps: int, ready: Callable[[int, int], bool] | None = None
+    ) -> StepPlan | None:
+        """While the run just planned is computing (not yet updated), plans the next run of the
+        same rows on the assumption that none stops in it (no stop token, no stop string): the
+        rows start where that run ends and take, as there, the steps their length limits leave,
+        at most `num_steps`. The plan `follows_run`: its input tokens are that run's last
+        samples, which the engine keeps on the device. Returns None, and the caller updates the
+        run and schedules as usual, unless every row of the run takes all `num_steps` steps and
+        still has a token to go after it, the rows are still exactly the running sequences, no
+        waiting sequence has a batch slot to take, and the pages (and `ready`) allow the run."""
+        if len(self._pending) != 1:
+            return None
+        prev = self._pending[0]
+        if (
+            prev.num_steps != num_steps
+            or prev.prefill
+            or len(prev.decode) != len(self._running)
+            or self._admissible()
+        ):
+            return None
+        steps: list[int] = []
+        for seq, row in zip(self._running, prev.decode, strict=True):
+            if seq.seq_id != row.seq_id or row.num_steps != num_steps:
+                return None
+            # Its output and length once the pending run's tokens are in.
+            left = min(
+                seq.request.max_tokens - seq.num_output_tokens - num_steps,
+                self.max_model_len - len(seq.token_ids) - num_steps,
+            )
+            if left < 1:
+                return None
+            steps.append(min(num_steps, left))
+        return self._plan_run(steps, ready, follows_run=True)
+
+    def _plan_run(
+        self, steps: list[int], ready: Callable[[int, int], bool] | None, follows_run: bool
+    ) -> StepPlan | None:
+        """The run taking `steps[i]` decode iterations of running sequence i from its
+        `num_computed` on (None if under two steps, not `ready` or short of pages); it advances
+        their `num_computed` and becomes pending."""
         if max(steps) < 2:
             return None
         context = max(seq.num_computed + k for seq, k in zip(self._running, steps, strict=True))
@@ -504,7 +552,7 @@ class Scheduler:
                 ScheduledSeq(
                     seq_id=seq.seq_id,
                     request_id=seq.request.request_id,
-                    token_ids=[seq.token_ids[-1]],
+                    token_ids=[-1 if follows_run else seq.token_ids[-1]],
                     start_pos=start,
                     block_table=list(seq.block_table),
                     sample_seq_ids=[seq.seq_id],
@@ -513,9 +561,14 @@ class Scheduler:
                 )
             )
         plan = StepPlan(
-            decode=decode, prefill=[], page_copies=copies, preempted=[], num_steps=max(steps)
+            decode=decode,
+            prefill=[],
+            page_copies=copies,
+            preempted=[],
+            num_steps=max(steps),
+            follows_run=follows_run,
         )
-        self._pending_plan = plan
+        self._pending.append(plan)
         return plan
 
     def update_run(self, plan: StepPlan, sampled: dict[int, Sequence[int]]) -> list[SeqUpdate]:
@@ -523,13 +576,12 @@ class Scheduler:
         order (at least the row's `num_steps`). Appends them one by one with the finish rules
         after each; a sequence that finishes keeps no token after its last and no K/V past it.
         Returns the updates in order, several per sequence."""
-        if plan is not self._pending_plan:
-            raise ValueError("plan: not the plan returned by the last schedule()")
+        self._check_pending(plan)
         rows = [row for row in plan.decode if row.seq_id in self._seqs]
         short = [r.seq_id for r in rows if len(sampled.get(r.seq_id, ())) < r.num_steps]
         if short:
             raise ValueError(f"sampled: too few tokens for seq ids {short}")
-        self._pending_plan = None
+        self._pending.popleft()
         updates = []
         for row in rows:
             seq = self._seqs[row.seq_id]
@@ -538,13 +590,38 @@ class Scheduler:
                 updates.append(self._append(seq, int(token)))
                 if finished := updates[-1].finished:
                     break
-            # What was computed from tokens past a finish is not this sequence's K/V.
-            seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
+            if finished:
+                # What was computed from tokens past a finish is not this sequence's K/V.
+                seq.num_computed = min(seq.num_computed, len(seq.token_ids) - 1)
             if self.enable_prefix_caching:
-                self._register_full_pages(seq)
+                # K/V is in for every token but the last sampled; a run planned ahead of this
+                # update has advanced `num_computed` past them already.
+                self._register_full_pages(seq, len(seq.token_ids) - 1)
             if finished:
                 self._remove(seq)
         return updates
+
+    def cancel_pending(self) -> None:
+        """Forgets the plans not yet updated (their step failed): each of their sequences is
+        back to what it had computed before them, as far as it is still live."""
+        while self._pending:
+            plan = self._pending.pop()
+            for row in (*plan.decode, *plan.prefill):
+                seq = self._seqs.get(row.seq_id)
+                if seq is not None:
+                    seq.num_computed = min(seq.num_computed, row.start_pos)
+
+    def _check_pending(self, plan: StepPlan) -> None:
+        if not self._pending or plan is not self._pending[0]:
+            raise ValueError("plan: not the oldest plan scheduled and not yet updated")
+
+    def _admissible(self) -> bool:
+        """Whether a waiting sequence has a batch slot to go to (a plain step admits it; one
+        with none waits for a sequence to finish either way)."""
+        first = next((s for s in self._waiting if not s.awaiting), None)
+        return first is not None and (
+            self._slots_in_use() + self._slots_to_admit(first) <= self.max_num_seqs
+        )
 
     def _schedule_row(self, seq: _Seq, num_new: int) -> tuple[ScheduledSeq, list[_Seq]]:
         """Advances `seq` by `num_new` tokens (its pages already prepared) and returns its row plus
@@ -642,9 +719,10 @@ class Scheduler:
             return False  # no further full page it could take from the cache
         return self._page_hashes(seq, num_cached + 1)[num_cached] in computing
 
-    def _register_full_pages(self, seq: _Seq) -> None:
-        """Offers the pages a step has just filled with computed K/V to the prefix cache."""
-        full = seq.num_computed // self.block_manager.page_size
+    def _register_full_pages(self, seq: _Seq, num_done: int) -> None:
+        """Offers the pages a step has just filled with computed K/V (its first `num_done`
+        tokens have theirs) to the prefix cache."""
+        full = min(num_done, seq.num_computed) // self.block_manager.page_size
         if full > seq.num_registered:
             hashes = self._page_hashes(seq, full)
             for i in range(seq.num_registered, full):

@@ -173,6 +173,17 @@ def test_parse_options():
         parse_slo("latency=3")
 
 
+def test_engine_switches_reach_the_engine_and_a_child_server():
+    from jaxserve.bench import build_engine, engine_argv
+
+    switches = ["--no-prefix-caching", "--no-async-scheduling"]
+    for given in ([], switches):
+        args = build_parser().parse_args(["throughput", *TINY, *given])
+        assert [a for a in engine_argv(args) if a.startswith("--no-")] == given
+        cfg = build_engine(args).config
+        assert (cfg.enable_prefix_caching, cfg.async_scheduling) == (not given, not given)
+
+
 def test_poisson_and_gamma_arrivals():
     rng = np.random.default_rng(0)
     t = arrival_times(20_000, 4.0, 1.0, rng)

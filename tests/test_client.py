@@ -144,7 +144,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
     args = parse(
         "serve", "my-model", "--port", "6000", "--metrics-port", "0", "--max-queued-requests",
         "9", "--grace-period", "2.5", "--page-size", "32", "--kv-memory-fraction", "0.5",
-        "--no-background-compile",
+        "--no-background-compile", "--no-async-scheduling",
     )  # fmt: skip
     engine = FakeEngine()
     options: list[argparse.Namespace] = []
@@ -167,6 +167,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "decode_steps": None,
         "attention_backend": None,
         "enable_prefix_caching": None,
+        "async_scheduling": False,
         "tensor_parallel_size": None,
         "expert_parallel_size": None,
     }

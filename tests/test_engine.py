@@ -295,6 +295,69 @@ def test_multi_step_runs_equal_single_steps(tiny_model):
     assert runs[2].outputs[0].finish_reason == "stop"
 
 
+def test_async_scheduling_runs_ahead_with_the_outputs_of_runs_read_back_first(tiny_model):
+    """With asynchronous scheduling the next run is dispatched before the one in flight is read
+    back. Greedy and seeded sampling with logprobs, n > 1 and a stop token mid-run: the same
+    tokens, logprobs and finish reasons as with every run read back first, and no page held
+    at the end."""
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [5, 17, 9, 12], seed=13)
+    free = make_llm(model).generate([prompts[2]], ids_params(temperature=0.0, max_tokens=30))
+    free = free[0].outputs[0].token_ids
+    k = next(i for i in range(9, len(free)) if free[i] not in free[:i])  # mid-way, a new token
+    params = [
+        ids_params(temperature=0.0, max_tokens=30, logprobs=2),
+        ids_params(temperature=0.9, top_p=0.9, top_k=20, seed=5, max_tokens=27, n=2),
+        ids_params(temperature=0.0, max_tokens=30, stop_token_ids=[free[k]]),
+        ids_params(temperature=1.0, seed=8, max_tokens=29, logprobs=1),
+    ]
+    outs, ahead = {}, {}
+    for on in (False, True):
+        llm = make_llm(model, decode_steps=4, async_scheduling=on)
+        llm.generate(prompts, params)  # starts compiling the runs this batch needs
+        llm.engine.engine.finish_compiles()
+        sched = llm.engine.scheduler
+        plan_next = sched.schedule_next_run
+        planned = []
+        sched.schedule_next_run = lambda *a, f=plan_next, p=planned: p.append(f(*a)) or p[-1]
+        outs[on] = llm.generate(prompts, params)
+        ahead[on] = sum(p is not None for p in planned)
+        assert llm.engine.stats()["kv_used_tokens"] == 0
+    assert ahead == {False: 0, True: ahead[True]} and ahead[True] >= 3
+    assert outs[True][2].outputs[0].token_ids == free[: k + 1]
+    for a, b in zip(outs[False], outs[True], strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids
+            assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
+            for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
+                assert lx.keys() == ly.keys()
+                np.testing.assert_allclose(list(lx.values()), list(ly.values()), atol=1e-4)
+
+
+def test_a_request_aborted_while_its_run_is_in_flight_leaves_the_others_whole(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [7, 11], seed=14)
+    params = ids_params(temperature=0.0, max_tokens=40)
+    alone = make_llm(model).generate([prompts[1]], params)[0].outputs[0].token_ids
+    llm = make_llm(model, decode_steps=4)
+    llm.generate(prompts, params)
+    llm.engine.engine.finish_compiles()
+    engine = llm.engine
+    for rid, prompt in zip("xy", prompts, strict=True):
+        engine.add_request(rid, prompt, params)
+    tokens = {"x": [], "y": []}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].token_ids  # deltas
+        steps += 1
+        if steps == 4:
+            assert engine._inflight is not None  # the run after the one just read back
+            engine.abort_request("x")
+    assert 0 < len(tokens["x"]) < 40 and tokens["y"] == alone
+    assert engine.stats()["kv_used_tokens"] == 0
+
+
 def test_penalties_and_min_tokens_take_single_steps(tiny_model):
     model = tiny_model()
     prompt = random_prompts(model.cfg.vocab_size, [6], seed=12)

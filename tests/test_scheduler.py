@@ -51,10 +51,18 @@ class Harness:
     """Scheduler + fake engine + the client's view of every sequence's tokens."""
 
     def __init__(
-        self, sampler: Sampler = context_sampler, decode_steps: int = 1, **config: int
+        self,
+        sampler: Sampler = context_sampler,
+        decode_steps: int = 1,
+        ahead: bool = False,
+        **config: int,
     ) -> None:
         self.sched = Scheduler(**config)
         self.decode_steps = decode_steps  # > 1: try a multi-step run before every plain step
+        # With runs: plan (and compute) the next run before updating each one, as the engine's
+        # asynchronous scheduling does; the run so planned and its samples wait here.
+        self.ahead = ahead
+        self.next_run: tuple[StepPlan, dict[int, list[int]]] | None = None
         bm = self.sched.block_manager
         self.page_size = bm.page_size
         self.pages: list[list[int | None]] = [[None] * bm.page_size for _ in range(bm.num_pages)]
@@ -157,17 +165,27 @@ class Harness:
                 sampled[sid] = self.sampler(sid, context)
         return sampled
 
-    def execute_run(self, plan: StepPlan) -> dict[int, list[int]]:
+    def execute_run(
+        self, plan: StepPlan, prev: dict[int, list[int]] | None = None
+    ) -> dict[int, list[int]]:
         """A multi-step run as the device does it: each row writes its last token, samples from
-        the context read back, and feeds the sample in at the next position, `num_steps` times."""
+        the context read back, and feeds the sample in at the next position, `num_steps` times.
+        A run that `follows_run` continues from `prev`, the samples of the run before it, which
+        are not applied yet."""
         assert not plan.prefill and plan.num_steps > 1
+        assert plan.follows_run == (prev is not None)
         for src, dst in plan.page_copies:
             self.pages[dst] = list(self.pages[src])
         sampled = {}
         for row in plan.decode:
             assert 1 <= row.num_steps <= plan.num_steps and row.sample_seq_ids == [row.seq_id]
             tokens = list(self.tokens(row.seq_id))
-            assert row.start_pos == len(tokens) - 1 and row.token_ids == tokens[-1:]
+            if prev is not None:
+                assert row.token_ids == [-1] and len(prev[row.seq_id]) == self.decode_steps
+                tokens += prev[row.seq_id]
+            else:
+                assert row.token_ids == tokens[-1:]
+            assert row.start_pos == len(tokens) - 1
             assert len(row.block_table) == -(-(row.start_pos + row.num_steps) // self.page_size)
             assert 0 not in row.block_table
             out = sampled[row.seq_id] = []
@@ -188,10 +206,15 @@ class Harness:
         """One schedule → execute → update round (a multi-step run when the harness runs them and
         the scheduler plans one); `between` runs after scheduling."""
         plan = None
-        if self.decode_steps > 1:
+        if self.next_run is not None:
+            (plan, runs), self.next_run = self.next_run, None
+        elif self.decode_steps > 1:
             plan = self.sched.schedule_decode_run(self.decode_steps)
+            if plan is not None:
+                runs = self.execute_run(plan)
         if plan is not None:
-            runs = self.execute_run(plan)
+            if self.ahead and (nxt := self.sched.schedule_next_run(self.decode_steps)):
+                self.next_run = nxt, self.execute_run(nxt, prev=runs)
             if between is not None:
                 between()
             updates = self.sched.update_run(plan, runs)
@@ -234,7 +257,7 @@ class Harness:
     def run(self, max_steps: int = 10_000) -> int:
         """Steps until nothing is left; returns the number of steps."""
         steps = 0
-        while self.sched.has_unfinished():
+        while self.sched.has_unfinished() or self.next_run is not None:
             assert steps < max_steps, "scheduler did not terminate"
             self.step()
             steps += 1
@@ -1044,6 +1067,7 @@ op_st = st.one_of(
     max_prefill_seqs=st.integers(1, 3),
     enable_prefix_caching=st.booleans(),
     decode_steps=st.sampled_from([1, 3]),
+    ahead=st.booleans(),
     initial=st.lists(request_st, min_size=1, max_size=6),
     ops=st.lists(op_st, max_size=30),
 )
@@ -1056,6 +1080,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
     max_prefill_seqs,
     enable_prefix_caching,
     decode_steps,
+    ahead,
     initial,
     ops,
 ):
@@ -1063,6 +1088,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
     num_pages = 1 + -(-max_model_len // page_size) + spare_pages
     h = Harness(
         decode_steps=decode_steps,
+        ahead=ahead,
         num_pages=num_pages,
         page_size=page_size,
         max_num_seqs=max_num_seqs,
@@ -1123,6 +1149,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         ("cache hit", h.sched.prefix_cache_hits),
         ("beam search", h.beam_results),
         ("multi-step run", any(p.num_steps > 1 for p in h.plans)),
+        ("run planned ahead", any(p.follows_run for p in h.plans)),
     ]:
         event(f"{name}: {bool(hit)}")
     for rid in added:
@@ -1138,8 +1165,8 @@ def test_random_interleavings_never_leak_pages_and_terminate(
 # --- multi-step decode runs --------------------------------------------------------------------
 
 
-def run_workload(decode_steps: int, **overrides: int) -> Harness:
-    h = Harness(decode_steps=decode_steps, **config(**overrides))
+def run_workload(decode_steps: int, ahead: bool = False, **overrides: int) -> Harness:
+    h = Harness(decode_steps=decode_steps, ahead=ahead, **config(**overrides))
     h.add("a", prompt(9, 1), max_tokens=23)
     h.add("b", prompt(4, 2), max_tokens=5, n=2)
     h.add("c", prompt(13, 3), max_tokens=40, eos_token_ids={7})
@@ -1149,10 +1176,11 @@ def run_workload(decode_steps: int, **overrides: int) -> Harness:
     return h
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("overrides", [{}, dict(num_pages=14), dict(enable_prefix_caching=False)])
-def test_multi_step_runs_give_the_outputs_of_single_steps(overrides):
+def test_multi_step_runs_give_the_outputs_of_single_steps(overrides, ahead):
     single = run_workload(1, **overrides)
-    runs = run_workload(4, **overrides)
+    runs = run_workload(4, ahead, **overrides)
     for rid in "abcde":
         assert runs.outputs_of(rid) == single.outputs_of(rid)
         for sid, u in runs.finished.items():
@@ -1165,6 +1193,7 @@ def test_multi_step_runs_give_the_outputs_of_single_steps(overrides):
                 assert (u.finish_reason, u.stop_reason) == (twin.finish_reason, twin.stop_reason)
     run_plans = [p for p in runs.plans if p.num_steps > 1]
     assert run_plans and len(runs.plans) < len(single.plans)
+    assert any(p.follows_run for p in run_plans) == ahead
     if not overrides:  # rows near their max_tokens take fewer steps than the run
         assert any(r.num_steps < p.num_steps for p in run_plans for r in p.decode)
 
@@ -1212,6 +1241,87 @@ def test_a_run_stops_at_the_length_limits_and_waits_for_free_pages():
     assert h.sched.schedule_decode_run(8) is None
     bm.free(held[:1])
     assert [r.num_steps for r in h.sched.schedule_decode_run(8).decode] == [8]
+
+
+def test_the_next_run_is_planned_ahead_only_while_every_row_surely_goes_on():
+    """`schedule_next_run` plans on while the run computes only if every row takes all its
+    steps and has a token to go after them, the rows are the running ones and no waiting
+    sequence could take a slot; plans are updated oldest first."""
+    h = Harness(decode_steps=4, **config(max_num_seqs=2))
+    h.add("a", prompt(5, 1), max_tokens=14)
+    h.add("b", prompt(7, 2), max_tokens=9)
+    h.step()  # both prompts; first tokens
+    assert h.sched.schedule_next_run(4) is None  # nothing in flight
+    first = h.sched.schedule_decode_run(4)
+    runs = h.execute_run(first)
+    nxt = h.sched.schedule_next_run(4)
+    assert nxt is not None and nxt.follows_run and nxt.num_steps == 4
+    assert [r.token_ids for r in nxt.decode] == [[-1], [-1]]
+    assert [r.start_pos for r in nxt.decode] == [r.start_pos + 4 for r in first.decode]
+    assert h.sched.schedule_next_run(4) is None  # one ahead at most
+    with pytest.raises(RuntimeError, match="update"):
+        h.sched.schedule()
+    with pytest.raises(ValueError, match="oldest"):
+        h.sched.update_run(nxt, h.execute_run(nxt, prev=runs))
+    nxt_runs = h.execute_run(nxt, prev=runs)
+    h.sched.update_run(first, runs)
+    check_pages(h.sched)
+    updates = h.sched.update_run(nxt, nxt_runs)
+    assert [u.token_id for u in updates] == nxt_runs[nxt.decode[0].seq_id] + nxt_runs[
+        nxt.decode[1].seq_id
+    ]
+    assert updates[-1].finish_reason == "length"  # "b": 1 + 4 + 4 = its 9 tokens
+    (seq,) = h.sched._running
+    assert seq.token_ids[5:] == [
+        *h.tokens(seq.seq_id)[5:],
+        *runs[seq.seq_id],
+        *updates_of(updates, seq.seq_id),
+    ]
+    last = h.sched.schedule_decode_run(4)
+    assert [r.num_steps for r in last.decode] == [4]
+    assert h.sched.schedule_next_run(4) is None  # one token left after it: no run of two
+    h.sched.cancel_pending()  # a failed step: back to what was computed before it
+    assert seq.num_computed == last.decode[0].start_pos == len(seq.token_ids) - 1
+    assert h.sched.schedule_decode_run(4) is not None
+
+    # A waiting request that has a slot to take stops the planning ahead.
+    h = Harness(decode_steps=4, **config(max_num_seqs=2))
+    h.add("a", prompt(5, 1), max_tokens=30)
+    h.step()
+    run = h.sched.schedule_decode_run(4)
+    h.add("b", prompt(4, 3), max_tokens=5)
+    assert h.sched.schedule_next_run(4) is None
+    h.sched.update_run(run, h.execute_run(run))
+
+
+def updates_of(updates: list[SeqUpdate], seq_id: int) -> list[int]:
+    return [u.token_id for u in updates if u.seq_id == seq_id]
+
+
+def test_a_sequence_that_stops_in_a_run_wastes_only_the_run_planned_after_it():
+    """Planned ahead, the next run also computes a row that stops in the run before it; its
+    update skips that row, whose pages are free again and whose output is that of single
+    steps, and the other rows go on unchanged."""
+    free = Harness(**config())
+    free.add("a", prompt(6, 1), max_tokens=25)
+    free.add("b", prompt(9, 2), max_tokens=25)
+    free.run()
+    (b_out,) = free.outputs_of("b").values()
+    # An end token "b" first samples as its 7th: mid-way through its second run of 4.
+    k = next(i for i in range(6, len(b_out)) if b_out[i] not in b_out[:i])
+    single = Harness(**config())
+    ahead = Harness(decode_steps=4, ahead=True, **config())
+    for h in (single, ahead):
+        h.add("a", prompt(6, 1), max_tokens=25)
+        h.add("b", prompt(9, 2), max_tokens=25, eos_token_ids={b_out[k]})
+        h.run()
+        assert [u.finish_reason for u in h.finished.values()] == ["stop", "length"]
+        assert list(h.outputs_of("b").values()) == [b_out[: k + 1]]
+    assert ahead.outputs_of("a") == single.outputs_of("a") == free.outputs_of("a")
+    # "b" stopped in a run after which the next was already planned with it.
+    assert any(
+        p.follows_run and len(p.decode) == 2 and p.decode[1].start_pos > 9 + k for p in ahead.plans
+    )
 
 
 def test_runs_go_on_while_requests_wait_for_a_batch_slot():

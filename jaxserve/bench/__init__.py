@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxserve.bench import shapes
-from jaxserve.engine_options import SHARED_ENGINE_OPTIONS, EngineOption
+from jaxserve.engine_options import (
+    ENGINE_SWITCHES,
+    SHARED_ENGINE_OPTIONS,
+    EngineOption,
+    add_engine_switches,
+)
 
 if TYPE_CHECKING:
     from jaxserve.llm_engine import LLMEngine
@@ -79,14 +84,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in ENGINE_OPTIONS:
         g.add_argument(flag, type=kind, default=None, help=text)
     g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS)
-    g.add_argument(
-        "--no-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_const",
-        const=False,
-        default=None,
-        help="recompute every prompt instead of reusing cached K/V of shared prefixes",
-    )
+    add_engine_switches(g)
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -240,7 +238,8 @@ def build_engine(args: argparse.Namespace, *, min_model_len: int = 0) -> LLMEngi
 
     options = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in ENGINE_OPTIONS}
     options["attention_backend"] = args.attention_backend
-    options["enable_prefix_caching"] = args.enable_prefix_caching
+    for _, dest, _ in ENGINE_SWITCHES:
+        options[dest] = getattr(args, dest)
     given = {k: v for k, v in options.items() if v is not None}
     if not args.random_weights:
         llm = LLMEngine.from_pretrained(args.model, dtype=args.dtype, seed=args.seed, **given)
@@ -304,6 +303,5 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     if args.attention_backend:
         argv += ["--attention-backend", args.attention_backend]
-    if args.enable_prefix_caching is False:
-        argv += ["--no-prefix-caching"]
+    argv += [flag for flag, dest, _ in ENGINE_SWITCHES if getattr(args, dest) is False]
     return argv

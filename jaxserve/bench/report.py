@@ -170,6 +170,7 @@ def describe_engine(llm: Any) -> dict[str, Any]:
     return {
         "mesh": None if mesh is None else dict(mesh.shape),
         "enable_prefix_caching": cfg.enable_prefix_caching,
+        "async_scheduling": cfg.async_scheduling,
         "page_size": cfg.page_size,
         "num_pages": cfg.num_pages,
         "kv_capacity_tokens": eng.capacity_tokens,
