@@ -47,12 +47,21 @@ class AttentionMetadata:
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated."""
-    page_size = k_pages.shape[2]
+    """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated.
+
+    Padding tokens (and a multi-step run's rows past their end) have slots in the reserved page
+    0, which nothing reads: their writes are dropped. Every other slot is written by one token
+    only, so the scatter is declared unique: XLA's GPU scatter then stores each element plainly
+    instead of through an atomic compare-and-swap loop (2-byte elements have no atomic store)."""
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
     page, off = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[:, page, off].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    v_pages = v_pages.at[:, page, off].set(v.swapaxes(0, 1).astype(v_pages.dtype))
-    return k_pages, v_pages
+    page = jnp.where(page == 0, num_pages, page)  # out of bounds: dropped
+
+    def put(pages, x):
+        x = x.swapaxes(0, 1).astype(pages.dtype)
+        return pages.at[:, page, off].set(x, mode="drop", unique_indices=True)
+
+    return put(k_pages, k), put(v_pages, v)
 
 
 def attention(

@@ -261,6 +261,27 @@ def test_references_agree_on_a_one_token_chunk() -> None:
 # --- pieces of the Mosaic GPU path that run anywhere ---------------------------------------------
 
 
+def test_write_kv_fills_each_slot_once_and_drops_page_zero() -> None:
+    """New K/V land in their slots in bf16, padding tokens (slots in the reserved page 0) write
+    nothing, and every other slot keeps its contents."""
+    from pallas_kernels.attention import write_kv
+
+    rng = np.random.default_rng(4)
+    heads, pages, page_size, dim = 2, 5, 4, 8
+    k_pages = jnp.asarray(rng.normal(size=(heads, pages, page_size, dim)), jnp.bfloat16)
+    v_pages = jnp.asarray(rng.normal(size=(heads, pages, page_size, dim)), jnp.bfloat16)
+    slots = np.array([9, 0, 19, 4, 1, 0], np.int32)  # 0 and 1: padding, in page 0
+    k = rng.normal(size=(len(slots), heads, dim)).astype(np.float32)
+    v = rng.normal(size=(len(slots), heads, dim)).astype(np.float32)
+    k_out, v_out = jax.jit(write_kv)(k_pages, v_pages, k, v, slots)
+    for out, before, new in ((k_out, k_pages, k), (v_out, v_pages, v)):
+        want = np.array(before.astype(jnp.float32))
+        for t, slot in enumerate(slots):
+            if slot >= page_size:
+                want[:, slot // page_size, slot % page_size] = new[t].astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.array(out.astype(jnp.float32)), want)
+
+
 def test_mosaic_unavailable_off_hopper() -> None:
     assert not paged_attention.mosaic_available(jax.devices("cpu")[0])
 
