@@ -13,6 +13,7 @@ from jaxserve.checkpoint import load_model
 from jaxserve.engine import EngineConfig
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
+from jaxserve.sampling import RowSpec
 from jaxserve.tokenizer import Tokenizer
 from serving.client import AsyncClient, Client
 from tests.fake_engine import running_server
@@ -21,6 +22,8 @@ PROMPTS = ["The sky is", "List three colors:", "def fibonacci(n):"]
 
 
 def small_engine(path) -> LLMEngine:
+    """Decodes in multi-step runs of 4, each planned while the one before it computes, as on a
+    GPU: the greedy run is compiled up front."""
     model, _ = load_model(path, dtype="float32")
     cfg = EngineConfig(
         page_size=16,
@@ -33,14 +36,19 @@ def small_engine(path) -> LLMEngine:
         decode_buckets=(4,),
         prefill_buckets=(64,),
         page_buckets=(8,),
+        decode_steps=4,
     )
-    return LLMEngine(model, Tokenizer.from_dir(path), cfg, model_name="smollm2")
+    engine = LLMEngine(model, Tokenizer.from_dir(path), cfg, model_name="smollm2")
+    engine.engine.decode_run_ready(4, 128, [RowSpec(temperature=0.0)])
+    engine.engine.finish_compiles()
+    return engine
 
 
 @pytest.fixture(scope="module")
 def live(smollm2_path):
     engine = small_engine(smollm2_path)
     with running_server(engine, max_queued_requests=64) as server:
+        server.engine = engine
         yield server, smollm2_path
 
 
@@ -89,7 +97,9 @@ def test_concurrent_clients_and_cancellation_leave_nothing_behind(live):
         async with AsyncClient(server.target, timeout=120) as ac:
             return await asyncio.gather(*(one(ac, i, i % 4 == 3) for i in range(12)))
 
+    runs = server.engine.decode_runs_total
     results = asyncio.run(run())
+    assert server.engine.decode_runs_total > runs
     full = {i % 3: r for i, r in enumerate(results) if i % 4 != 3}
     for i, r in enumerate(results):
         if i % 4 != 3:
