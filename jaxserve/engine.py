@@ -14,12 +14,12 @@ padded into the largest compiled so far). Every device call runs an executable t
 by shape key; on a GPU each is also kept on disk (`compile_cache.ExecutableStore`), so a restart
 loads them instead of compiling.
 
-Multi-step decoding (`execute_run`): `decode_steps` decode iterations in one compiled call, each
+Multi-step decoding (`dispatch_run`): `decode_steps` decode iterations in one compiled call, each
 sampling on device and feeding its tokens to the next, so the host's per-call cost (argument
 transfer, launch, read-back, scheduling) is paid once per run instead of once per token. A run
-is dispatched (`dispatch_run`) and read back (`collect_run`) apart: a run planned while the one
-before it computes (`StepPlan.follows_run`) takes that run's last samples as its input tokens
-from a small device buffer every run leaves them in, so the host never waits between the two.
+is dispatched and read back (`collect_run`) apart: a run planned while the one before it
+computes (`StepPlan.follows_run`) takes that run's last samples as its input tokens from a small
+device buffer every run leaves them in, so the host never waits between the two.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class EngineConfig:
     max_model_len: int = 4096
     attention_backend: str = "auto"
     # Decode iterations per device call when every running sequence is plainly decoding (see
-    # `execute_run`); 1 turns multi-step decoding off; 0 = 8 with a kernel decode backend, else 1
+    # `dispatch_run`); 1 turns multi-step decoding off; 0 = 8 with a kernel decode backend, else 1
     # (the CPU's reference path, where compute dwarfs the per-call cost).
     decode_steps: int = 0
     # Plan and dispatch the next multi-step run while one computes (`LLMEngine`).
@@ -599,20 +599,14 @@ class Engine:
             self._collect_prompt_logprobs(plan.prefill, prompt_targets, prompt_out, result)
         return result
 
-    def execute_run(
-        self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
-    ) -> RunResult:
-        """Run a multi-step plan (`Scheduler.schedule_decode_run`) and read its tokens back:
-        `dispatch_run` then `collect_run`."""
-        return self.collect_run(self.dispatch_run(plan, specs, kinds))
-
     def dispatch_run(
         self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
     ) -> PendingRun:
-        """Start a multi-step plan: `decode_steps` decode iterations in one device call; row i
-        keeps its first `num_steps` tokens. `kinds`: the rows `decode_run_ready` was asked
-        about, whose sampler variant to use (default: the plan's own rows). A plan that
-        `follows_run` must have the rows of the run dispatched last, in its order."""
+        """Start a multi-step plan (`Scheduler.schedule_decode_run` or `schedule_next_run`):
+        `decode_steps` decode iterations in one device call; row i keeps its first `num_steps`
+        tokens. `kinds`: the rows `decode_run_ready` was asked about, whose sampler variant to
+        use (default: the plan's own rows). A plan that `follows_run` must have the rows of the
+        run dispatched last, in its order."""
         rows = plan.decode
         if plan.prefill or plan.num_steps > self.cfg.decode_steps:
             raise ValueError(

@@ -265,6 +265,17 @@ def test_background_warmup_serves_from_the_largest_shapes_until_the_rest_compile
     assert compiled == [] and late == early
 
 
+def assert_same_completions(expected, got) -> None:
+    """The same tokens, finish and stop reasons, and logprobs (to float tolerance)."""
+    for a, b in zip(expected, got, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert x.token_ids == y.token_ids
+            assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
+            for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
+                assert lx.keys() == ly.keys()
+                np.testing.assert_allclose(list(lx.values()), list(ly.values()), atol=1e-4)
+
+
 def test_multi_step_runs_equal_single_steps(tiny_model):
     """Greedy and seeded sampling with logprobs, n > 1, stop ids and rows ending mid-run: the
     same tokens, logprobs and finish reasons with runs of 4 as with one step per call."""
@@ -285,13 +296,7 @@ def test_multi_step_runs_equal_single_steps(tiny_model):
     runs = llm.generate(prompts, params)
     stats = llm.engine.stats()
     assert stats["decode_runs_total"] > 0 and stats["kv_used_tokens"] == 0
-    for a, b in zip(single, runs, strict=True):
-        for x, y in zip(a.outputs, b.outputs, strict=True):
-            assert x.token_ids == y.token_ids
-            assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
-            for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
-                assert lx.keys() == ly.keys()
-                np.testing.assert_allclose(list(lx.values()), list(ly.values()), atol=1e-4)
+    assert_same_completions(single, runs)
     assert runs[2].outputs[0].finish_reason == "stop"
 
 
@@ -325,13 +330,7 @@ def test_async_scheduling_runs_ahead_with_the_outputs_of_runs_read_back_first(ti
         assert llm.engine.stats()["kv_used_tokens"] == 0
     assert ahead == {False: 0, True: ahead[True]} and ahead[True] >= 3
     assert outs[True][2].outputs[0].token_ids == free[: k + 1]
-    for a, b in zip(outs[False], outs[True], strict=True):
-        for x, y in zip(a.outputs, b.outputs, strict=True):
-            assert x.token_ids == y.token_ids
-            assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
-            for lx, ly in zip(x.logprobs or [], y.logprobs or [], strict=True):
-                assert lx.keys() == ly.keys()
-                np.testing.assert_allclose(list(lx.values()), list(ly.values()), atol=1e-4)
+    assert_same_completions(outs[False], outs[True])
 
 
 def test_a_request_aborted_while_its_run_is_in_flight_leaves_the_others_whole(tiny_model):
