@@ -64,8 +64,10 @@ def choose_config(
 ) -> MatmulConfig:
     """Step size, depth and K slices; a pure function of static shapes.
 
-    Cost model for a memory-bound grid: a CTA takes (its steps + ~2 steps of pipeline fill and
-    epilogue), CTAs run in waves of `num_sms`; pick the split count with the fewest step-times.
+    Cost model for a memory-bound grid: a CTA takes (its steps + ~4 steps of launch, pipeline
+    fill and epilogue), CTAs run in waves of `num_sms`; pick the split count with the fewest
+    step-times. (On an H100 at 8 rows this picks the fastest measured split count for every
+    weight of Llama-3.2-1B and Llama-3-8B, or one within 1 %.)
     """
     block_k = 256 if k % 256 == 0 else (128 if k % 128 == 0 else 64)
     stages = 4
@@ -78,7 +80,7 @@ def choose_config(
             continue
         ctas = n_blocks * s
         waves = -(-ctas // num_sms)
-        cost = waves * (k_steps // s + 2)
+        cost = waves * (k_steps // s + 4)
         if cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return MatmulConfig(block_k=block_k, stages=stages, splits=best)
