@@ -116,7 +116,9 @@ PREFILL_SWEEP = [
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("kernels", help="attention kernels vs XLA / cuDNN (Hopper GPU)")
+    p = subparsers.add_parser(
+        "kernels", help="Pallas kernels (attention, decode matmuls) vs XLA / cuDNN (Hopper GPU)"
+    )
     p.add_argument("--kind", choices=("decode", "prefill", "matmul", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="only the headline shapes")
     p.add_argument("--iters", type=int, default=7, help="timed runs per shape (median)")
