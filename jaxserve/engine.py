@@ -473,7 +473,6 @@ class Engine:
             cu_q_lens=cu,
             is_decode=is_decode,
             backend=self.backend if is_decode else self.prefill_backend,
-            matmul_backend="mosaic" if is_decode and self.backend == "mosaic" else "xla",
         )
 
     def _run_decode(self, rows: list[ScheduledSeq]) -> None:

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import RopeConfig
-from pallas_kernels import skinny_matmul
 
 Axes = tuple[str | None, ...]
 
@@ -74,16 +73,6 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
-
-
-def project(x: jax.Array, layers: list[Linear], backend: str = "xla") -> list[jax.Array]:
-    """[x @ kernel (+ bias) for each layer], the products computed together through the matmul
-    `backend` (`pallas_kernels.skinny_matmul`): one kernel call for q/k/v or gate/up."""
-    ys = skinny_matmul.matmul(x, [lin.kernel[...] for lin in layers], backend=backend)
-    return [
-        y if lin.bias is None else y + lin.bias[...].astype(y.dtype)
-        for y, lin in zip(ys, layers, strict=True)
-    ]
 
 
 class RMSNorm(nnx.Module):

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxserve import sharding
 from jaxserve.config import ModelConfig
-from models.layers import Linear, RMSNorm, apply_rope, param, project, rope_inv_freq
+from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq
 from models.moe import DenseMLP, MoE
 from pallas_kernels.attention import AttentionMetadata, attention, write_kv
 
@@ -59,19 +59,17 @@ class Attention(nnx.Module):
         kv: tuple[jax.Array, jax.Array],
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        t, mm = x.shape[0], meta.matmul_backend
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj], mm)
-        q_thd = q.reshape(t, self.num_heads, self.head_dim)
-        k_thd = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v_thd = v.reshape(t, self.num_kv_heads, self.head_dim)
+        t = x.shape[0]
+        q_thd = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
+        k_thd = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        v_thd = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_thd, k_thd = self.q_norm(q_thd), self.k_norm(k_thd)
         q_thd = apply_rope(q_thd, positions, inv_freq)
         k_thd = apply_rope(k_thd, positions, inv_freq)
         k_pages, v_pages = write_kv(kv[0], kv[1], k_thd, v_thd, meta.slot_mapping)
         o_thd = attention(q_thd, k_pages, v_pages, positions, meta, scale=self.scale)
-        (o,) = project(o_thd.reshape(t, -1), [self.o_proj], mm)
-        return o, (k_pages, v_pages)
+        return self.o_proj(o_thd.reshape(t, -1)), (k_pages, v_pages)
 
 
 class DecoderLayer(nnx.Module):
@@ -87,7 +85,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, inv_freq, kv, meta):
         h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, meta)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), meta.matmul_backend)
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import EXPERT, partition_spec
-from models.layers import Linear, param, project
+from models.layers import Linear, param
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -37,10 +37,8 @@ class DenseMLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, matmul_backend: str = "xla") -> jax.Array:
-        gate, up = project(x, [self.gate_proj, self.up_proj], matmul_backend)
-        (down,) = project(jax.nn.silu(gate) * up, [self.down_proj], matmul_backend)
-        return down
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoE(nnx.Module):
@@ -62,7 +60,7 @@ class MoE(nnx.Module):
             self.shared_expert = None
             self.shared_expert_gate = None
 
-    def __call__(self, x: jax.Array, matmul_backend: str = "xla") -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)  # [T, E]
         weights, experts = jax.lax.top_k(probs, self.top_k)  # [T, k]
         if self.norm_topk_prob:
@@ -76,7 +74,7 @@ class MoE(nnx.Module):
             out = self._experts(x, weights, experts)
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(x))
-            out = out + gate * self.shared_expert(x, matmul_backend)
+            out = out + gate * self.shared_expert(x)
         return out
 
     def _expert_weights(self) -> tuple[nnx.Param, nnx.Param, nnx.Param]:

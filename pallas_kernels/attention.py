@@ -42,9 +42,6 @@ class AttentionMetadata:
     cu_q_lens: jax.Array  # [S + 1] int32: offsets of each sequence's tokens in the step
     is_decode: bool = dataclasses.field(metadata=dict(static=True), default=False)
     backend: str = dataclasses.field(metadata=dict(static=True), default="reference")
-    # How the step's weight matmuls run (`skinny_matmul.BACKENDS`): "mosaic" for decode steps
-    # on Hopper, whose few rows suit the skinny-matmul kernel; "xla" otherwise.
-    matmul_backend: str = dataclasses.field(metadata=dict(static=True), default="xla")
 
 
 def write_kv(

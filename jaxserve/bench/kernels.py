@@ -1,9 +1,8 @@
-"""`python -m jaxserve.bench kernels`: the Pallas kernels against their XLA / cuDNN peers.
+"""`python -m jaxserve.bench kernels`: the attention kernels against their XLA / cuDNN peers.
 
 Owns the kernel sweep: paged decode (Mosaic GPU kernel vs the jitted pure-JAX reference, an XLA
-gather + einsum), causal prefill (Mosaic GPU kernel over a paged cache vs cuDNN over contiguous
-K/V) and the decode-step weight matmuls (the skinny-matmul kernel vs XLA's GEMMs, on the weight
-shapes of real models), each checked against its peer before it is timed. Kernel time is CUPTI time of every kernel
+gather + einsum) and causal prefill (Mosaic GPU kernel over a paged cache vs cuDNN over contiguous
+K/V), each checked against its peer before it is timed. Kernel time is CUPTI time of every kernel
 an op launches (`jax.experimental.mosaic.gpu.profiler.measure`), median of several runs; inputs
 smaller than ~256 MB are rotated through disjoint copies so the 50 MB L2 does not serve them.
 Figures are also given as a fraction of ceilings measured in the same run (HBM copy bandwidth,
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _mosaic_decode, _mosaic_matmul, _mosaic_prefill, paged_attention
+from pallas_kernels import _mosaic_decode, _mosaic_prefill, paged_attention
 
 ROTATE_BYTES = 256 * 2**20
 
@@ -53,38 +52,6 @@ class PrefillCase:
     head_dim: int = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class MatmulCase:
-    """x [rows, k] times weights sharing it ([k, n] each, or [n, k] when `transposed`)."""
-
-    name: str
-    rows: int
-    k: int
-    widths: tuple[int, ...]
-    transposed: bool = False
-
-
-def _model_matmuls(d: int, q: int, kv: int, f: int, vocab: int, tied: bool):
-    return [
-        ("qkv", d, (q, kv, kv), False),
-        ("o", q, (d,), False),
-        ("gate_up", d, (f, f), False),
-        ("down", f, (d,), False),
-        ("lm_head", d, (vocab,), tied),
-    ]
-
-
-MATMUL_SHAPES = {
-    "llama-3.2-1b": _model_matmuls(2048, 2048, 512, 8192, 128256, True),
-    "llama-3-8b": _model_matmuls(4096, 4096, 1024, 14336, 128256, False),
-}
-QUICK_MATMUL = [MatmulCase("llama-3.2-1b.o", 8, 2048, (2048,))]
-MATMUL_SWEEP = [
-    MatmulCase(f"{model}.{name}", rows, k, widths, tr)
-    for rows in (8, 32, 64)
-    for model, shapes in MATMUL_SHAPES.items()
-    for name, k, widths, tr in shapes
-]
 QUICK_DECODE = [DecodeCase(32, 4096)]
 QUICK_PREFILL = [PrefillCase(4, 4096)]
 DECODE_SWEEP = [
@@ -116,10 +83,8 @@ PREFILL_SWEEP = [
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "kernels", help="Pallas kernels (attention, decode matmuls) vs XLA / cuDNN (Hopper GPU)"
-    )
-    p.add_argument("--kind", choices=("decode", "prefill", "matmul", "all"), default="all")
+    p = subparsers.add_parser("kernels", help="attention kernels vs XLA / cuDNN (Hopper GPU)")
+    p.add_argument("--kind", choices=("decode", "prefill", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="only the headline shapes")
     p.add_argument("--iters", type=int, default=7, help="timed runs per shape (median)")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
@@ -299,60 +264,7 @@ def bench_prefill(c: PrefillCase, dtype: jnp.dtype, iters: int, ceil: dict[str, 
     return row
 
 
-def bench_matmul(c: MatmulCase, dtype: jnp.dtype, iters: int, ceil: dict[str, float]) -> dict:
-    """The kernel (always, whatever `skinny_matmul.use_kernel` would pick) against XLA's GEMMs
-    (`matmul_reference`), each over rotated copies of the weights; both times include the XLA
-    epilogue that turns the result into [rows, n] in the input dtype."""
-    from pallas_kernels import skinny_matmul
-
-    itemsize = jnp.dtype(dtype).itemsize
-    w_bytes = c.k * sum(c.widths) * itemsize
-    rot = max(1, min(16, math.ceil(ROTATE_BYTES / w_bytes)))
-    key = jax.random.key(c.rows * 7 + c.k)
-    shapes = [(n, c.k) if c.transposed else (c.k, n) for n in c.widths]
-    ws = [
-        jax.random.normal(jax.random.fold_in(key, i), s, dtype) * c.k**-0.5
-        for i, s in enumerate(shapes * rot)
-    ]
-    x = jax.random.normal(jax.random.fold_in(key, -1), (c.rows, c.k), dtype)
-    g = len(c.widths)
-
-    def many(mm: Callable[..., Any]) -> Callable[..., list]:
-        return lambda x, *ws: [y for r in range(rot) for y in mm(x, ws[r * g : (r + 1) * g])]
-
-    kernel = many(lambda x, w: _mosaic_matmul.skinny_matmul(x, tuple(w), transposed=c.transposed))
-    xla = many(lambda x, w: skinny_matmul.matmul_reference(x, w, transposed=c.transposed))
-    out, ms, _ = _timed(kernel, (x, *ws), iters)
-    ref, ref_ms, _ = _timed(xla, (x, *ws), iters)
-    rows = -(-c.rows // 8) * 8
-    cfg = _mosaic_matmul.choose_config(
-        rows, c.k, sum(c.widths) // _mosaic_matmul.N_TILE, _mosaic_matmul.num_sms(), itemsize
-    )
-    row: dict[str, Any] = {
-        "kind": "matmul",
-        **dataclasses.asdict(c),
-        "dtype": jnp.dtype(dtype).name,
-        "weight_bytes": w_bytes,
-        "rotations": rot,
-        "config": dataclasses.asdict(cfg),
-        "engine_uses_kernel": skinny_matmul.use_kernel(x, ws[:g], transposed=c.transposed),
-        "mosaic_us": 1e3 * ms / rot,
-        "xla_us": 1e3 * ref_ms / rot,
-        "rel_err": max(_rel_err(o, r) for o, r in zip(out, ref, strict=True)),
-    }
-    for name in ("mosaic", "xla"):
-        row[f"{name}_tb_s"] = w_bytes / (row[f"{name}_us"] * 1e-6) / 1e12
-    row["mosaic_frac_hbm"] = row["mosaic_tb_s"] / ceil["hbm_tb_s"]
-    return row
-
-
 def _fmt(row: dict) -> str:
-    if row["kind"] == "matmul":
-        shape = f"{row['name']} M{row['rows']}"
-        ours = f"{row['mosaic_us']:9.1f} us {row['mosaic_tb_s']:5.2f} TB/s"
-        ours += f" ({100 * row['mosaic_frac_hbm']:3.0f}% HBM) splits {row['config']['splits']}"
-        peer = f"XLA {row['xla_us']:7.1f} us {row['xla_tb_s']:5.2f} TB/s  err {row['rel_err']:.1e}"
-        return f"{row['kind']:7s} {shape:28s} {ours}  |  {peer}"
     if row["kind"] == "decode":
         shape = f"B{row['batch']} ctx{row['ctx']}{'r' if row['ragged'] else ''} p{row['page']}"
         shape += f" d{row['head_dim']}"
@@ -394,10 +306,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.kind in ("prefill", "all"):
         for c in QUICK_PREFILL if args.quick else PREFILL_SWEEP:
             rows.append(bench_prefill(c, dtype, args.iters, ceil))
-            print(_fmt(rows[-1]), flush=True)
-    if args.kind in ("matmul", "all"):
-        for c in QUICK_MATMUL if args.quick else MATMUL_SWEEP:
-            rows.append(bench_matmul(c, dtype, args.iters, ceil))
             print(_fmt(rows[-1]), flush=True)
     result = {
         "device": dev.device_kind,
