@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.bench import parse_range, random_prompt, sample_workload, shapes
+from jaxserve.bench import latency, parse_range, random_prompt, sample_workload, shapes
 from jaxserve.bench.__main__ import build_parser, main
 from jaxserve.bench.latency import ModelCost
 from jaxserve.bench.serve import (
@@ -288,6 +288,39 @@ def test_latency_mode(tmp_path, decode_steps):
     assert 0 < r["decode_mfu"] and 0 < r["prefill_mfu"]
     assert r["preemptions"] == 0
     assert isinstance(d["compilations_while_timed"]["count"], int)
+
+
+def test_kernel_profile_summary():
+    launches = [("gemm", 0.004), ("norm", 0.001), ("gemm", 0.004), ("attn", 0.003), ("norm", 0.001)]
+    p = latency.summarize_kernels(launches, tokens=2)
+    assert p["output_tokens"] == 2
+    assert p["kernel_us_per_token"] == pytest.approx(6.5)  # 13 us of kernels over 2 tokens
+    assert p["launches_per_token"] == 2.5
+    assert [k["name"] for k in p["kernels"]] == ["gemm", "attn", "norm"]
+    gemm = p["kernels"][0]
+    assert gemm["us_per_token"] == pytest.approx(4.0)
+    assert gemm["launches_per_token"] == 1.0
+    assert gemm["share"] == pytest.approx(8 / 13)
+    assert sum(k["share"] for k in p["kernels"]) == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the refusal off GPUs")
+def test_kernel_profile_needs_a_gpu(tmp_path, capsys):
+    path = tmp_path / "latency.json"
+    assert main(["latency", *TINY, "--kernel-profile", "--json", str(path)]) == 2
+    assert "kernel_profile: needs an NVIDIA GPU" in capsys.readouterr().err
+    assert not path.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_profile_on_gpu(tmp_path):
+    d = run_cli(tmp_path, "latency", "--batch-size", "2", "--output-len", "6", "--kernel-profile")
+    p = d["kernel_profile"]
+    assert p["output_tokens"] == 2 * 6
+    assert p["kernel_us_per_token"] > 0 and p["launches_per_token"] >= 1
+    assert p["kernels"] and all(k["us_per_token"] > 0 for k in p["kernels"])
+    assert sum(k["share"] for k in p["kernels"]) == pytest.approx(1.0)
 
 
 def test_throughput_mode(tmp_path):

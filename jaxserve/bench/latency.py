@@ -16,6 +16,10 @@ sequence of the batch is decoding count; the wall time includes the host's share
 FLOP/s utilisation: 2 FLOPs per matmul weight per token (top-k experts only) plus attention
 (QK^T and PV over the attended positions), over the measured matmul rate. Decode counts the pure
 decode steps; prefill counts the batch's prompts over the time until its last first token.
+
+`--kernel-profile` (NVIDIA GPUs): one more batch after the timed ones, with CUPTI recording every
+kernel the GPU runs; each kernel name's time and launches per output token (prefill included),
+so what bounds a number can be read off the run that produced it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ BANDWIDTH_BYTES = {"gpu": 1 << 30, "cpu": 32 << 20}
 MATMUL_N = {"gpu": 8192, "cpu": 256}
 CEILING_REPEATS = 10
 CEILING_CHAIN = 4
+KERNEL_ROWS_SHOWN = 20
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--num-iters", type=int, default=5, help="timed batches")
     g.add_argument("--warmup-iters", type=int, default=1, help="untimed batches first")
+    g.add_argument(
+        "--kernel-profile",
+        action="store_true",
+        help="then one batch under CUPTI: every GPU kernel's time per output token (NVIDIA GPUs)",
+    )
     return p
 
 
@@ -319,6 +329,59 @@ def run_batch(llm: Any, prompts: list[list[int]], params: Any, tag: str) -> Batc
     return trace
 
 
+# ---- kernel profile -----------------------------------------------------------------------------
+def _cupti() -> Any:
+    """jaxlib's CUPTI hooks (those `jax.experimental.mosaic.gpu.profiler` uses), on NVIDIA GPUs."""
+    import jax
+
+    if jax.devices()[0].platform != "gpu":
+        raise ValueError(
+            f"kernel_profile: needs an NVIDIA GPU (CUPTI), found {jax.devices()[0].platform}"
+        )
+    try:
+        from jax._src.lib import mosaic_gpu
+    except ImportError as e:
+        raise ValueError(f"kernel_profile: jaxlib has no CUPTI hooks here ({e})") from e
+    return mosaic_gpu._mosaic_gpu_ext
+
+
+def kernel_profile(ext: Any, run: Callable[[], BatchTrace]) -> dict[str, Any]:
+    """Run one batch with CUPTI (`_cupti()`) recording every kernel launch; its
+    `summarize_kernels`."""
+    ext._cupti_init()
+    try:
+        trace = run()
+    finally:
+        timings = ext._cupti_get_timings(True)
+    return summarize_kernels(timings or [], sum(trace.output_tokens))
+
+
+def summarize_kernels(timings: list[tuple[str, float]], tokens: int) -> dict[str, Any]:
+    """(kernel name, ms) launches → per name, microseconds and launches per output token, the
+    share of all kernel time; largest first."""
+    total: dict[str, float] = {}
+    launches: dict[str, int] = {}
+    for name, ms in timings:
+        total[name] = total.get(name, 0.0) + ms
+        launches[name] = launches.get(name, 0) + 1
+    all_ms = sum(total.values())
+    kernels = [
+        {
+            "name": name,
+            "us_per_token": 1e3 * ms / tokens,
+            "launches_per_token": launches[name] / tokens,
+            "share": ms / all_ms if all_ms else 0.0,
+        }
+        for name, ms in sorted(total.items(), key=lambda kv: -kv[1])
+    ]
+    return {
+        "output_tokens": tokens,
+        "kernel_us_per_token": 1e3 * all_ms / tokens,
+        "launches_per_token": len(timings) / tokens,
+        "kernels": kernels,
+    }
+
+
 # ---- figures ------------------------------------------------------------------------------------
 def figures(
     traces: list[BatchTrace],
@@ -393,6 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"output_len: TPOT needs at least 2 output tokens, got {args.output_len}")
     if args.warmup_iters < 0:
         raise ValueError(f"warmup_iters: must be >= 0, got {args.warmup_iters}")
+    cupti = _cupti() if args.kernel_profile else None  # refuse before loading anything
     env = report.environment()
     ceilings = measure_ceilings(args.dtype)
     t = time.perf_counter()
@@ -442,6 +506,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": figures(traces, cost, args.input_len, ceilings, num_model_devices(args)),
         "compilations_while_timed": compiles.to_dict(),
     }
+    if cupti is not None:
+        result["kernel_profile"] = kernel_profile(cupti, lambda: batch("profile"))
     print_summary(result)
     return result
 
@@ -477,3 +543,18 @@ def print_summary(result: dict[str, Any]) -> None:
         report.compile_row(result["compilations_while_timed"]),
     ]
     report.print_table("jaxserve bench latency", rows)
+    if "kernel_profile" in result:
+        prof = result["kernel_profile"]
+        head = [
+            ("all kernels", f"{prof['kernel_us_per_token']:.1f} us/token"),
+            ("launches", f"{prof['launches_per_token']:.1f} per token"),
+        ]
+        top = [
+            (
+                k["name"][:48],
+                f"{k['us_per_token']:8.1f} us/token  x{k['launches_per_token']:5.1f}"
+                f"  {100 * k['share']:4.1f}%",
+            )
+            for k in prof["kernels"][:KERNEL_ROWS_SHOWN]
+        ]
+        report.print_table("kernel profile (per output token, prefill included)", head + top)
