@@ -312,17 +312,6 @@ def test_kernel_profile_needs_a_gpu(tmp_path, capsys):
     assert not path.exists()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs an NVIDIA GPU")
-def test_kernel_profile_on_gpu(tmp_path):
-    d = run_cli(tmp_path, "latency", "--batch-size", "2", "--output-len", "6", "--kernel-profile")
-    p = d["kernel_profile"]
-    assert p["output_tokens"] == 2 * 6
-    assert p["kernel_us_per_token"] > 0 and p["launches_per_token"] >= 1
-    assert p["kernels"] and all(k["us_per_token"] > 0 for k in p["kernels"])
-    assert sum(k["share"] for k in p["kernels"]) == pytest.approx(1.0)
-
-
 def test_throughput_mode(tmp_path):
     d = run_cli(
         tmp_path,
