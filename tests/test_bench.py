@@ -304,6 +304,30 @@ def test_kernel_profile_summary():
     assert sum(k["share"] for k in p["kernels"]) == pytest.approx(1.0)
 
 
+class FakeCupti:
+    """Stands in for jaxlib's CUPTI hooks: records what the profiled batch "launched"."""
+
+    def __init__(self, launches):
+        self.launches, self.calls = launches, []
+
+    def _cupti_init(self):
+        self.calls.append("init")
+
+    def _cupti_get_timings(self, finalize):
+        self.calls.append(("get", finalize))
+        return self.launches
+
+
+def test_kernel_profile_wraps_one_batch():
+    trace = latency.BatchTrace(first_token=[], last_token=[], output_tokens=[3, 1])
+    ext = FakeCupti([("gemm", 0.004), ("norm", 0.004)])
+    p = latency.kernel_profile(ext, lambda: trace)
+    assert ext.calls == ["init", ("get", True)]
+    assert p["output_tokens"] == 4 and p["kernel_us_per_token"] == pytest.approx(2.0)
+    # Nothing recorded: no profile rather than one of zeros.
+    assert latency.kernel_profile(FakeCupti([]), lambda: trace) is None
+
+
 @pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the refusal off GPUs")
 def test_kernel_profile_needs_a_gpu(tmp_path, capsys):
     path = tmp_path / "latency.json"

@@ -25,6 +25,7 @@ so what bounds a number can be read off the run that produced it.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from jaxserve.bench import (
 
 if TYPE_CHECKING:
     from jaxserve.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Ceiling measurements: buffer sizes well above any cache (the H100's L2 is 50 MB), smaller on CPU
 # where the point is only that the arithmetic runs.
@@ -345,15 +348,18 @@ def _cupti() -> Any:
     return mosaic_gpu._mosaic_gpu_ext
 
 
-def kernel_profile(ext: Any, run: Callable[[], BatchTrace]) -> dict[str, Any]:
+def kernel_profile(ext: Any, run: Callable[[], BatchTrace]) -> dict[str, Any] | None:
     """Run one batch with CUPTI (`_cupti()`) recording every kernel launch; its
-    `summarize_kernels`."""
+    `summarize_kernels`, or None (with a warning) when CUPTI recorded nothing."""
     ext._cupti_init()
     try:
         trace = run()
     finally:
         timings = ext._cupti_get_timings(True)
-    return summarize_kernels(timings or [], sum(trace.output_tokens))
+    if not timings:
+        log.warning("kernel_profile: CUPTI recorded no kernel launches; no profile reported")
+        return None
+    return summarize_kernels(timings, sum(trace.output_tokens))
 
 
 def summarize_kernels(timings: list[tuple[str, float]], tokens: int) -> dict[str, Any]:
@@ -543,7 +549,7 @@ def print_summary(result: dict[str, Any]) -> None:
         report.compile_row(result["compilations_while_timed"]),
     ]
     report.print_table("jaxserve bench latency", rows)
-    if "kernel_profile" in result:
+    if result.get("kernel_profile"):
         prof = result["kernel_profile"]
         head = [
             ("all kernels", f"{prof['kernel_us_per_token']:.1f} us/token"),
