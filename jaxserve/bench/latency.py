@@ -18,8 +18,9 @@ FLOP/s utilisation: 2 FLOPs per matmul weight per token (top-k experts only) plu
 decode steps; prefill counts the batch's prompts over the time until its last first token.
 
 `--kernel-profile` (NVIDIA GPUs): one more batch after the timed ones, with CUPTI recording every
-kernel the GPU runs; each kernel name's time and launches per output token (prefill included),
-so what bounds a number can be read off the run that produced it.
+kernel the GPUs run; each kernel name's time and launches per output token (prefill included;
+summed over the devices of a sharded model), so what bounds a number can be read off the run
+that produced it.
 """
 
 from __future__ import annotations
