@@ -15,6 +15,7 @@ SHARED_ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     ("--num-pages", int, "KV-cache pages (default: sized from --kv-memory-fraction)"),
     ("--max-num-seqs", int, "most sequences in one batch"),
     ("--max-num-batched-tokens", int, "most tokens in one step"),
+    ("--max-prefill-seqs", int, "most sequences with prompt tokens in one step (default: 32)"),
     ("--kv-memory-fraction", float, "fraction of free device memory for the KV cache"),
     (
         "--decode-steps",

@@ -182,7 +182,7 @@ class LLMEngine:
         """Build from `jaxserve serve` options; options left unset keep their defaults."""
         names = (
             "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-            "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
+            "max_prefill_seqs", "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
             "enable_prefix_caching", "tensor_parallel_size", "expert_parallel_size",
             "decode_steps", "async_scheduling",
         )  # fmt: skip

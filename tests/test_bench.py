@@ -404,9 +404,10 @@ def test_throughput_shared_prefix_hits_the_prefix_cache(tmp_path, caching):
         "throughput",
         *("--num-requests", "6", "--input-len", "4", "--output-len", "3"),
         *("--shared-prefix-len", "16", "--num-pages", "64", "--max-num-seqs", "2"),
-        *flags,
+        *("--max-prefill-seqs", "1", *flags),
     )
     r = d["results"]
+    assert d["engine"]["max_prefill_seqs"] == 1
     assert d["workload"]["shared_prefix_len"] == 16
     assert r["total_input_tokens"] == 6 * (16 + 4)
     if caching:

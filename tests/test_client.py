@@ -160,6 +160,7 @@ def test_serve_arguments_reach_the_engine_factory_and_server(
         "num_pages": None,
         "max_num_seqs": None,
         "max_num_batched_tokens": None,
+        "max_prefill_seqs": None,
         "max_model_len": None,
         "dtype": None,
         "seed": None,

@@ -34,7 +34,6 @@ ATTENTION_BACKENDS = ("auto", "reference", "xla", "mosaic")
 # (flag, type, help) of the engine options; None (the default) keeps the engine's own default.
 ENGINE_OPTIONS: tuple[EngineOption, ...] = (
     *SHARED_ENGINE_OPTIONS,
-    ("--max-prefill-seqs", int, "most prompts (chunks) in one step"),
     ("--max-model-len", int, "context length, prompt + output (default: what the run needs)"),
 )
 
