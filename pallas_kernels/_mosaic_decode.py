@@ -12,6 +12,11 @@ Design (flash-decoding on wgmma):
   the CTA's range, so each keeps its own online-softmax state and the two overlap each other's
   softmax with wgmma; each writes its own normalized partial result and log-sum-exp.
 - The splits (2 per CTA) are merged by a small XLA epilogue (`combine_splits`).
+
+`interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
+the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). The interpreter
+takes a wgmma's A operand from shared memory only, so there P is staged in a shared-memory tile
+before the P·V matmul; everything else is the kernel as it runs on the GPU.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def _decode_call(
     query_tokens: int,
     group: int,
     cfg: DecodeConfig,
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Partial outputs [B, Hkv, 2*splits, rows, D] f32 and their log2-sum-exp [B, Hkv, 2*splits,
     64]. `q_rows` holds `rows` (a multiple of 8) rows per (sequence, KV head), real ones first."""
@@ -112,7 +118,7 @@ def _decode_call(
     tiles = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
     def kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, lse_ref, scratch):
-        q_smem, k_smem, v_smem, o_smem, lse_smem, bars = scratch
+        q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem, bars = scratch
         q_bar, k_bar, v_bar, k_free, v_free = bars
         split = lax.axis_index("split")
         kvh = lax.axis_index("head")
@@ -159,7 +165,12 @@ def _decode_call(
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                    if interpret:  # the interpreter's wgmma reads A from shared memory only
+                        p_smem[wg] = p.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    else:
+                        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
                     return acc_ref[...]
 
                 # A fresh accumulator, folded in with one FMA per element: the same work as
@@ -229,6 +240,7 @@ def _decode_call(
             kv_tile,
             plgpu.SMEM((COMPUTE_WGS, M_TILE, d), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, M_TILE), jnp.float32),
+            plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles) if interpret else (),
             (
                 plgpu.Barrier(),
                 plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
@@ -251,6 +263,7 @@ def _decode_call(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q_rows, k_pages, v_pages, block_tables, seq_lens)
 
 
@@ -269,7 +282,7 @@ def num_sms() -> int:
     return int(getattr(dev, "core_count", 0) or NUM_SMS_DEFAULT)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits"))
+@functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits", "interpret"))
 def paged_decode(
     q: jax.Array,
     k_pages: jax.Array,
@@ -280,9 +293,11 @@ def paged_decode(
     scale: float,
     query_tokens: int = 1,
     num_splits: int | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """q: [B * query_tokens, q_heads, D] (the last `query_tokens` positions of each sequence, in
-    order); returns the same shape. `seq_lens` count the query tokens, already in the cache."""
+    order); returns the same shape. `seq_lens` count the query tokens, already in the cache.
+    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring)."""
     bq, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     batch, group = bq // query_tokens, hq // hkv
@@ -313,6 +328,7 @@ def paged_decode(
         query_tokens=query_tokens,
         group=group,
         cfg=cfg,
+        interpret=interpret,
     )
     out = combine_splits(o_part[..., :rows, :], lse_part[..., :rows])  # [B, Hkv, T*G, D]
     out = out.reshape(batch, hkv, query_tokens, group, d).swapaxes(1, 2)
