@@ -14,9 +14,11 @@ Design (flash-decoding on wgmma):
 - The splits (2 per CTA) are merged by a small XLA epilogue (`combine_splits`).
 
 `interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
-the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). The interpreter
-takes a wgmma's A operand from shared memory only, so there P is staged in a shared-memory tile
-before the P·V matmul; everything else is the kernel as it runs on the GPU.
+the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). Two differences
+there, both for the interpreter's sake: it takes a wgmma's A operand from shared memory only, so P
+is staged in a shared-memory tile before the P·V matmul; and it wants every phase of a barrier
+seen by the threads that wait on it, so the TMA warpgroup also waits for the last `stages` slot
+releases. Everything else is the kernel as it runs on the GPU.
 """
 
 from __future__ import annotations
@@ -230,6 +232,14 @@ def _decode_call(
                 for j, page in enumerate(pages):
                     dst = v_smem.at[slot, pl.ds(j * page_size, page_size)]
                     plgpu.copy_gmem_to_smem(v_head.at[page], dst, v_bar.at[slot])
+
+            if interpret:
+                # The interpreter checks that a thread waiting on a barrier sees every phase
+                # of it; on the GPU nothing needs the last `stages` releases, so they go unseen.
+                @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+                def _drain(li):
+                    plgpu.barrier_wait(k_free.at[lax.rem(li, stages)])
+                    plgpu.barrier_wait(v_free.at[lax.rem(li, stages)])
 
     def entry(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, lse_ref):
         kv_tile = plgpu.SMEM((stages, block, d), dtype, transforms=tiles)

@@ -400,8 +400,9 @@ def test_mosaic_kernels_lower_for_cuda() -> None:
 @pytest.mark.parametrize(
     ("lens", "group", "head_dim", "page", "dtype", "splits", "query_tokens"),
     [
-        ([1, 17, 150, 0, 64], 4, 64, 16, jnp.bfloat16, None, 1),  # an empty row, mid-page ends
-        ([200, 33], 8, 128, 64, jnp.float16, 3, 1),  # splits, one of them empty for row 1
+        # An empty row, mid-page ends, 10 pipeline steps through 4 slots in one CTA.
+        ([1, 17, 600, 0, 64], 4, 64, 16, jnp.bfloat16, None, 1),
+        ([700, 33], 8, 128, 64, jnp.float16, 2, 1),  # splits; slots reused within a split
         ([129, 7], 1, 64, 8, jnp.bfloat16, 2, 1),  # one query row per KV head, page 8
         ([2, 90], 4, 64, 16, jnp.bfloat16, None, 2),  # two query tokens (speculative verify)
     ],
@@ -416,7 +417,7 @@ def test_mosaic_decode_interpreted_matches_reference(
     query_tokens: int,
 ) -> None:
     """The kernel's pipeline, barriers, page copies, masking and split merge, run on the CPU by
-    the interpreter (which stages P in shared memory for the P·V matmul; see `_mosaic_decode`)."""
+    the interpreter (with the two interpreter-only differences `_mosaic_decode` describes)."""
     rng = np.random.default_rng(sum(lens) + page)
     hkv, scale = 2, 0.3
     case = make_paged_case(rng, lens, hkv, head_dim, page)
