@@ -129,6 +129,31 @@ def test_wait_until_serving_times_out_while_warming_up() -> None:
 # --- command line --------------------------------------------------------------------------------
 
 
+def test_every_serve_engine_option_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LLMEngine.from_cli_args` hands every engine option of `jaxserve serve` on: an option
+    added to the command line but not passed to the engine would be silently ignored."""
+    from jaxserve.llm_engine import LLMEngine
+
+    seen: dict[str, object] = {}
+
+    def fake_from_pretrained(cls: type, model: str, **kwargs: object) -> str:
+        seen.update(kwargs, model=model)
+        return "engine"
+
+    monkeypatch.setattr(LLMEngine, "from_pretrained", classmethod(fake_from_pretrained))
+    value = {int: "3", float: "0.5", str: "auto"}
+    argv = ["serve", "my-model"]
+    for flag, kind, _ in cli.ENGINE_OPTIONS:
+        argv += [flag, value[kind]]
+    argv += [flag for flag, _, _ in cli.ENGINE_SWITCHES]
+    assert LLMEngine.from_cli_args(cli.engine_args(parse(*argv))) == "engine"
+    names = {flag[2:].replace("-", "_") for flag, _, _ in cli.ENGINE_OPTIONS}
+    names |= {dest for _, dest, _ in cli.ENGINE_SWITCHES}
+    assert set(seen) == names | {"model"}
+    assert seen["max_prefill_seqs"] == 3 and seen["kv_memory_fraction"] == 0.5
+    assert seen["enable_prefix_caching"] is False and seen["async_scheduling"] is False
+
+
 def test_serve_arguments_reach_the_engine_factory_and_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
