@@ -179,14 +179,10 @@ class LLMEngine:
 
     @classmethod
     def from_cli_args(cls, args) -> LLMEngine:
-        """Build from `jaxserve serve` options; options left unset keep their defaults."""
-        names = (
-            "dtype", "page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
-            "max_prefill_seqs", "max_model_len", "kv_memory_fraction", "seed", "attention_backend",
-            "enable_prefix_caching", "tensor_parallel_size", "expert_parallel_size",
-            "decode_steps", "async_scheduling",
-        )  # fmt: skip
-        given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        """Build from `jaxserve serve`'s engine options (`serving.cli.engine_args`: the model
+        and one attribute per engine option, named as `from_pretrained`'s keywords); options
+        left unset keep their defaults."""
+        given = {k: v for k, v in vars(args).items() if k != "model" and v is not None}
         return cls.from_pretrained(args.model, **given)
 
     # ---- requests -----------------------------------------------------------------------------
