@@ -106,11 +106,21 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
     return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D], positions: [T]."""
+def rope_tables(
+    positions: jax.Array, inv_freq: jax.Array, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [T, 1, D] of each token's rotation angles (Hugging Face rotate-half layout).
+
+    Computed once per step and shared by every layer: left inside the layers, XLA recomputes them
+    in a kernel of their own per layer wherever it cannot fuse them into a consumer."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
     emb = jnp.concatenate([angles, angles], axis=-1)[:, None, :]  # [T, 1, D]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D], rope: `rope_tables`."""
+    cos, sin = rope
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin

@@ -20,9 +20,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxserve import sharding
 from jaxserve.config import ModelConfig
-from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq
+from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
 from models.moe import DenseMLP, MoE
-from pallas_kernels.attention import AttentionMetadata, attention, write_kv
+from pallas_kernels.attention import AttentionMetadata, attention
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: [kv_heads, num_pages, page_size, head_dim]
 
@@ -55,7 +55,7 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        inv_freq: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
         kv: tuple[jax.Array, jax.Array],
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -65,11 +65,10 @@ class Attention(nnx.Module):
         v_thd = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_thd, k_thd = self.q_norm(q_thd), self.k_norm(k_thd)
-        q_thd = apply_rope(q_thd, positions, inv_freq)
-        k_thd = apply_rope(k_thd, positions, inv_freq)
-        k_pages, v_pages = write_kv(kv[0], kv[1], k_thd, v_thd, meta.slot_mapping)
-        o_thd = attention(q_thd, k_pages, v_pages, positions, meta, scale=self.scale)
-        return self.o_proj(o_thd.reshape(t, -1)), (k_pages, v_pages)
+        q_thd = apply_rope(q_thd, rope)
+        k_thd = apply_rope(k_thd, rope)
+        o_thd, kv = attention(q_thd, k_thd, v_thd, kv, positions, meta, scale=self.scale)
+        return self.o_proj(o_thd.reshape(t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -82,8 +81,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, kv, meta):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv, meta)
+    def __call__(self, x, positions, rope, kv, meta):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, rope, kv, meta)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -114,12 +113,12 @@ class CausalLM(nnx.Module):
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [T] → final-norm hidden states [T, D] and the updated cache."""
-        inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.head_dim)
         x = self.embed_tokens[...][tokens]
+        rope = rope_tables(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), x.dtype)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache, strict=True):
             graphdef, state = nnx.split(layer)
-            x, kv = _apply_layer(graphdef, state, x, positions, inv_freq, kv, meta)
+            x, kv = _apply_layer(graphdef, state, x, positions, rope, kv, meta)
             new_cache.append(kv)
         return self.norm(x), new_cache
 
@@ -130,11 +129,11 @@ class CausalLM(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _apply_layer(graphdef, state, x, positions, inv_freq, kv, meta):
+def _apply_layer(graphdef, state, x, positions, rope, kv, meta):
     """One decoder layer as its own jitted function: every layer of a kind (same definition and
     shapes) then shares one trace and one lowered function, so compiling a step costs about one
     layer's tracing instead of `num_layers`; XLA inlines the calls, so the program is the same."""
-    return nnx.merge(graphdef, state)(x, positions, inv_freq, kv, meta)
+    return nnx.merge(graphdef, state)(x, positions, rope, kv, meta)
 
 
 @dataclass(frozen=True)

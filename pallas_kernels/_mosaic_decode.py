@@ -1,17 +1,26 @@
 """Paged decode attention as a Mosaic GPU (Hopper, sm_90) Pallas kernel.
 
-Owns the kernel behind `paged_attention(..., backend="mosaic")` and the split-K combine.
+Owns the kernel behind `paged_attention(..., backend="mosaic")` and `paged_decode_write` (the
+engine's decode step: the new tokens' K/V written into their pages and attended in one kernel),
+and the split-K combine.
 
 Design (flash-decoding on wgmma):
-- One CTA per (KV split, KV head, sequence). Its 64-row wgmma M tile holds the query rows of the
-  KV head's group (`query_tokens * group` real rows); the remaining rows are whatever follows in
-  the flattened query (or zeros past its end) and their results are discarded, so no padding copy
-  of q is made.
+- One CTA per (KV split, KV head, sequence). Its 64-row wgmma M tile holds, per query token, an
+  8-aligned run of query heads that covers the KV head's group (`segment_rows`), read straight
+  from the step's [tokens, heads, D] array with TMA; the other rows' results are discarded, so no
+  padding copy of q is made.
 - Three warpgroups: one issues TMA copies (one per page, K and V of a step on their own
   barriers, `stages` steps deep), two compute. Compute warpgroup w takes the even / odd steps of
   the CTA's range, so each keeps its own online-softmax state and the two overlap each other's
-  softmax with wgmma; each writes its own normalized partial result and log-sum-exp.
-- The splits (2 per CTA) are merged by a small XLA epilogue (`combine_splits`).
+  softmax with wgmma.
+- `paged_decode_write`: q, k and v of the step's tokens come in one array (RoPE applied). The
+  cached keys are read from the pages; the new tokens' K/V are read from that array into a small
+  tile of their own and attended as one more step (causal among themselves), so nothing waits on
+  the write. The TMA warpgroup of each sequence's first split writes them into their slots
+  (`slot_mapping`; page 0 means "drop"), in place: the pages are aliased inputs and outputs.
+- With one split the kernel merges its two warpgroups' results itself and writes the final rows;
+  with more, each warpgroup writes a normalized partial result and its log-sum-exp, merged by a
+  small XLA epilogue (`combine_splits`).
 
 `interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
 the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). Two differences
@@ -49,8 +58,20 @@ class DecodeConfig:
     num_splits: int  # CTAs per (sequence, KV head)
 
 
+def segment_rows(group: int, kv_heads: int) -> int:
+    """Query-tile rows per token: the 8-aligned run of heads that holds any KV head's group
+    (TMA copies whole 8-row tiles of the swizzled layout, so a run starts at a multiple of 8)."""
+    return max(-(-((h * group) % 8 + group) // 8) * 8 for h in range(kv_heads))
+
+
 def supported(
-    q_dtype: jnp.dtype, kv_dtype: jnp.dtype, head_dim: int, page_size: int, rows: int
+    q_dtype: jnp.dtype,
+    kv_dtype: jnp.dtype,
+    head_dim: int,
+    page_size: int,
+    group: int,
+    kv_heads: int,
+    query_tokens: int = 1,
 ) -> str:
     """Empty string when the kernel handles these shapes, else the reason it does not."""
     if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -61,24 +82,41 @@ def supported(
         return f"head_dim {head_dim} (needs 64 or 128)"
     if page_size not in (8, 16, 32, 64, 128):
         return f"page_size {page_size} (needs 8, 16, 32, 64 or 128)"
-    if rows > M_TILE:
-        return f"{rows} query rows per KV head (at most {M_TILE})"
+    rows = query_tokens * segment_rows(group, kv_heads)
+    # The new tokens start anywhere in an 8-aligned run of a step's 64 keys.
+    if rows > M_TILE or 7 + query_tokens > 64:
+        return f"{query_tokens} query tokens of {group} heads per KV head ({rows} rows of {M_TILE})"
     return ""
 
 
+def _fixed_smem(head_dim: int, splits: int, query_tokens: int, write: bool) -> int:
+    q_tile = M_TILE * head_dim * 2
+    if splits == 1:  # warpgroup 1's accumulator, m and l, and the 16-bit result
+        out = M_TILE * head_dim * 4 + 2 * M_TILE * 4 + M_TILE * head_dim * 2
+    else:  # both warpgroups' normalized partials and log-sum-exps
+        out = COMPUTE_WGS * M_TILE * (head_dim + 1) * 4
+    rows = 2 * query_tokens * head_dim * 2 if write else 0  # the new K/V rows to write
+    # + barriers, alignment and the 2 KB Pallas keeps for cross-warp reductions
+    return q_tile + out + rows + 4096
+
+
 def choose_config(
-    batch: int, kv_heads: int, max_pages: int, page_size: int, head_dim: int, num_sms: int
+    batch: int,
+    kv_heads: int,
+    max_pages: int,
+    page_size: int,
+    head_dim: int,
+    num_sms: int,
+    query_tokens: int = 1,
+    write: bool = True,
 ) -> DecodeConfig:
     """Block, pipeline depth and split count for a problem; pure function of static shapes."""
     block = max(64, page_size)
     stage_bytes = 2 * block * head_dim * 2  # K and V tiles of one step, 16-bit
-    fixed = M_TILE * head_dim * 2 + COMPUTE_WGS * M_TILE * (head_dim + 1) * 4 + 1024
-    stages = min(6, (SMEM_BYTES - fixed) // stage_bytes) // 2 * 2
-    if stages < 2:
-        raise ValueError(f"head_dim {head_dim} with page_size {page_size} does not fit in SMEM")
     max_blocks = max(1, -(-max_pages * page_size // block))
     # Enough CTAs to fill the SMs with little wave quantization, but at least ~4 steps per
-    # compute warpgroup so the pipeline runs full.
+    # compute warpgroup so the pipeline runs full. One split merges its result in the kernel;
+    # more are merged by a small XLA kernel (`combine_splits`).
     ctas = batch * kv_heads
     best, best_eff = 1, 0.0
     for s in range(1, max(1, max_blocks // 8) + 1):
@@ -90,98 +128,210 @@ def choose_config(
             best, best_eff = s, eff
         if best_eff > 0.9 and n >= num_sms:
             break
+    fixed = _fixed_smem(head_dim, best, query_tokens, write)
+    stages = min(6, (SMEM_BYTES - fixed) // stage_bytes) // 2 * 2
+    if stages < 2:
+        raise ValueError(f"head_dim {head_dim} with page_size {page_size} does not fit in SMEM")
     return DecodeConfig(block_tokens=block, stages=stages, num_splits=best)
 
 
 def _decode_call(
-    q_rows: jax.Array,
+    x: jax.Array,
     k_pages: jax.Array,
     v_pages: jax.Array,
+    slots: jax.Array,
     block_tables: jax.Array,
     seq_lens: jax.Array,
     *,
     scale: float,
     batch: int,
-    rows: int,
+    q_heads: int,
     query_tokens: int,
-    group: int,
+    write: bool,
     cfg: DecodeConfig,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Partial outputs [B, Hkv, 2*splits, rows, D] f32 and their log2-sum-exp [B, Hkv, 2*splits,
-    64]. `q_rows` holds `rows` (a multiple of 8) rows per (sequence, KV head), real ones first."""
+):
+    """The kernel. `x` [T', H, D]: the step's query heads first; with `write`, then the new K
+    heads and the new V heads, and T' a multiple of 8 of at least one step's keys. `k_pages` and
+    `v_pages` are refs written in place with `write`, arrays otherwise.
+
+    Returns the output [B * query_tokens, q_heads, D] with one split, else partial outputs [B,
+    Hkv, 2*splits, query_tokens*group, D] f32 and their log2-sum-exp [B, Hkv, 2*splits, 64]."""
     hkv, _, page_size, d = k_pages.shape
-    dtype = q_rows.dtype
+    dtype = x.dtype
+    tq = query_tokens
+    group = q_heads // hkv
+    seg = segment_rows(group, hkv)
     block, stages, splits = cfg.block_tokens, cfg.stages, cfg.num_splits
+    merge = splits == 1
+    # Bulk copies move 16-byte pieces: with 4k heads per group the log-sum-exps of just the
+    # group's rows are written, else all 64 rows of the tile (and the wrapper picks them).
+    lse_rows = group % 4 == 0
     pages_per_step = block // page_size
     max_pages = block_tables.shape[1]
     qk_scale = scale * LOG2E  # scores kept in the log2 domain so exp2 is a single FMA + MUFU
-    swizzle = plgpu.find_swizzle(d * 2 * 8)
-    tiles = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
-    def kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, lse_ref, scratch):
-        q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem, bars = scratch
-        q_bar, k_bar, v_bar, k_free, v_free = bars
+    def tiles(cols: int):
+        swizzle = plgpu.find_swizzle(cols * 2 * 8)
+        return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+
+    def kernel(x_ref, k_ref, v_ref, slot_ref, bt_ref, len_ref, *outs, **s):
         split = lax.axis_index("split")
         kvh = lax.axis_index("head")
         b = lax.axis_index("batch")
         wg = lax.axis_index("wg")
         seq_len = len_ref[b]
-        n_blocks = lax.div(seq_len + (block - 1), block)
+        # With `write` the query tokens' own keys are in the new-token tile, not read from pages.
+        cached = jnp.maximum(seq_len - tq, 0) if write else seq_len
+        n_blocks = lax.div(cached + (block - 1), block)
         per_split = lax.div(n_blocks + (splits - 1), splits)
         start = jnp.minimum(split * per_split, n_blocks)
-        n_steps = jnp.minimum(start + per_split, n_blocks) - start
+        n_steps = jnp.minimum(start + per_split, n_blocks) - start  # of cached keys
+        # With `write` the first split takes the new tokens as one more step: their K/V are
+        # copied from x into the step's slot.
+        n_total = n_steps + ((split == 0) & (seq_len > 0)).astype(jnp.int32) if write else n_steps
+        head0 = lax.div(kvh * group, 8) * 8  # written so Mosaic sees the alignment
+        off = kvh * group - head0  # the group's first row within each token's run
+        tok0 = b * tq
+        # The new-token step's first row of x: 8-aligned, and the step's keys inside x.
+        new0 = lax.div(jnp.minimum(tok0, x.shape[0] - block), 8) * 8
+
+        def _finish_merged(acc, m_i, l_i, wg, s, out_ref, tok0, off, kvh):
+            @pl.when(wg == 1)
+            def _():
+                s["acc1"][...] = acc
+                s["ml1"][0] = m_i
+                s["ml1"][1] = l_i
+                plgpu.barrier_arrive(s["merge_bar"])
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.barrier_wait(s["merge_bar"])
+                row = plgpu.Layout.WGMMA.reduce(1)
+                acc1 = plgpu.load(s["acc1"], layout=plgpu.Layout.WGMMA)
+                m1 = plgpu.load(s["ml1"].at[0], layout=row)
+                l1 = plgpu.load(s["ml1"].at[1], layout=row)
+                m = jnp.maximum(m_i, m1)
+                a0, a1 = jnp.exp2(m_i - m), jnp.exp2(m1 - m)
+                l_sum = l_i * a0 + l1 * a1
+                nonzero = l_sum > 0.0
+                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_sum, 1.0), 0.0)
+                bc = functools.partial(
+                    lax.broadcast_in_dim, shape=acc.shape, broadcast_dimensions=[0]
+                )
+                o = acc * bc(a0 * inv) + acc1 * bc(a1 * inv)
+                s["out"][...] = o.astype(dtype)
+                plgpu.commit_smem()
+                for i in range(tq):
+                    plgpu.copy_smem_to_gmem(
+                        s["out"].at[pl.ds(i * seg + off, group)],
+                        out_ref.at[tok0 + i, pl.ds(kvh * group, group)],
+                    )
+                plgpu.wait_smem_to_gmem(0)
+
+        def _finish_partial(acc, m_i, l_i, wg, split, s, outs, b, kvh, off):
+            o_ref, lse_ref = outs
+            nonzero = l_i > 0.0
+            inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
+            s["o"][wg] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            s["lse"][wg] = jnp.where(
+                nonzero, m_i + jnp.log2(jnp.where(nonzero, l_i, 1.0)), -jnp.inf
+            )
+            plgpu.commit_smem()
+            part = COMPUTE_WGS * split + wg
+            for i in range(tq):
+                plgpu.copy_smem_to_gmem(
+                    s["o"].at[wg, pl.ds(i * seg + off, group)],
+                    o_ref.at[b, kvh, part, pl.ds(i * group, group)],
+                )
+            if lse_rows:  # the group's rows only (16-byte pieces)
+                for i in range(tq):
+                    plgpu.copy_smem_to_gmem(
+                        s["lse"].at[wg, pl.ds(i * seg + off, group)],
+                        lse_ref.at[b, kvh, part, pl.ds(i * group, group)],
+                    )
+            else:
+                plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, kvh, part])
+            plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            my_steps = lax.div(jnp.maximum(n_steps - wg, 0) + 1, 2)
-            plgpu.barrier_wait(q_bar)
-            col = plgpu.broadcasted_iota(jnp.int32, (M_TILE, block), 1, layout=plgpu.Layout.WGMMA)
-            if query_tokens == 1:
-                limit = seq_len - 1
-            else:  # row r is token r // group of the step's query_tokens
-                row = plgpu.broadcasted_iota(
-                    jnp.int32, (M_TILE, block), 0, layout=plgpu.Layout.WGMMA
-                )
-                limit = seq_len - query_tokens + lax.div(row, group)
+            my_steps = lax.div(jnp.maximum(n_total - wg, 0) + 1, 2)
+            q_smem = s["q"]
 
-            def step(j, carry):
+            def iota(cols: int, dim: int):
+                return plgpu.broadcasted_iota(
+                    jnp.int32, (M_TILE, cols), dim, layout=plgpu.Layout.WGMMA
+                )
+
+            col = iota(block, 1)
+            token = lax.div(iota(block, 0), seg)  # row r is query token r // seg
+            if write:
+                limit = cached - 1  # every query token sees all cached keys
+                # The new-token step: column c is row new0 + c of x, the sequence's tokens are
+                # columns first_new.., and each query token sees the new tokens up to itself.
+                first_new = tok0 - new0
+                new_last = first_new + jnp.minimum(token, tq - 1)
+            else:
+                limit = seq_len - tq + (token if tq > 1 else 0)
+
+            def attend(carry, k_tile, v_tile, valid, p_buf, k_ready, k_done, v_ready, v_done):
                 acc, m_i, l_i = carry
-                li = wg + 2 * j  # step index within the CTA's range
-                slot = lax.rem(li, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
+                k_ready()
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((M_TILE, block), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                s = jnp.where(col + (start + li) * block <= limit, s, -jnp.inf)
+                s_ = pl.run_scoped(qk, plgpu.ACC((M_TILE, k_tile.shape[0]), jnp.float32))
+                k_done()
+                s_ = jnp.where(valid, s_, -jnp.inf)
                 # Scale the row max, not the tile: exp2(s * c - m) is then one FMA per score.
-                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                m_new = jnp.maximum(m_i, s_.max(axis=1) * qk_scale)
                 alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p = jnp.exp2(s_ * qk_scale - lax.broadcast_in_dim(m_new, s_.shape, [0]))
                 l_i = l_i * alpha + p.sum(axis=1)
-                plgpu.barrier_wait(v_bar.at[slot])
+                v_ready()
 
                 def pv(acc_ref):
                     if interpret:  # the interpreter's wgmma reads A from shared memory only
-                        p_smem[wg] = p.astype(dtype)
+                        p_buf[...] = p.astype(dtype)
                         plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p_buf, v_tile)
                     else:
-                        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                        plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
                     return acc_ref[...]
 
                 # A fresh accumulator, folded in with one FMA per element: the same work as
                 # rescaling in place, without making the wgmma wait for the rescale.
                 o = pl.run_scoped(pv, plgpu.ACC((M_TILE, d), jnp.float32))
-                plgpu.barrier_arrive(v_free.at[slot])
+                v_done()
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
                 return acc, m_new, l_i
 
+            def step(j, carry):
+                li = wg + 2 * j  # step index within the CTA's range
+                slot = lax.rem(li, stages)
+                if write:  # (arithmetic, not a select: the step kind is a scalar)
+                    new = (li >= n_steps).astype(jnp.int32)
+                    hi = (1 - new) * (limit - (start + li) * block) + new * new_last
+                    valid = (col >= new * first_new) & (col <= hi)
+                else:
+                    valid = col + (start + li) * block <= limit
+                return attend(
+                    carry,
+                    s["k"].at[slot],
+                    s["v"].at[slot],
+                    valid,
+                    s["p"].at[wg] if interpret else None,
+                    lambda: plgpu.barrier_wait(s["k_bar"].at[slot]),
+                    lambda: plgpu.barrier_arrive(s["k_free"].at[slot]),
+                    lambda: plgpu.barrier_wait(s["v_bar"].at[slot]),
+                    lambda: plgpu.barrier_arrive(s["v_free"].at[slot]),
+                )
+
+            plgpu.barrier_wait(s["q_bar"])
             # m starts finite so a step whose keys are all masked leaves alpha == 1, p == 0.
             m0 = plgpu.layout_cast(
                 jnp.full((M_TILE,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
@@ -189,92 +339,153 @@ def _decode_call(
             l0 = plgpu.layout_cast(jnp.zeros((M_TILE,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc0 = plgpu.layout_cast(jnp.zeros((M_TILE, d), jnp.float32), plgpu.Layout.WGMMA)
             acc, m_i, l_i = lax.fori_loop(0, my_steps, step, (acc0, m0, l0))
-            nonzero = l_i > 0.0
-            inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
-            o_smem[wg] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-            lse_smem[wg] = jnp.where(
-                nonzero, m_i + jnp.log2(jnp.where(nonzero, l_i, 1.0)), -jnp.inf
-            )
-            plgpu.commit_smem()
-            part = COMPUTE_WGS * split + wg
-            plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, rows)], o_ref.at[b, kvh, part])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, kvh, part])
-            plgpu.wait_smem_to_gmem(0)
+            if merge:
+                _finish_merged(acc, m_i, l_i, wg, s, outs[0], tok0, off, kvh)
+            else:
+                _finish_partial(acc, m_i, l_i, wg, split, s, outs, b, kvh, off)
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            row0 = (b * hkv + kvh) * rows
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, M_TILE)], q_smem, q_bar)
+            for i in range(tq):
+                plgpu.copy_gmem_to_smem(
+                    x_ref.at[tok0 + i, pl.ds(head0, seg)],
+                    s["q"].at[pl.ds(i * seg, seg)],
+                    s["q_bar"],
+                )
             k_head, v_head = k_ref.at[kvh], v_ref.at[kvh]
+            first_split = split == 0
+            if write:
 
-            @pl.loop(0, n_steps)
-            def _issue(li):
+                @pl.when(first_split)
+                def _():
+                    for src, dst in ((q_heads, "k_row"), (q_heads + hkv, "v_row")):
+                        plgpu.copy_gmem_to_smem(
+                            x_ref.at[pl.ds(tok0, tq), src + kvh], s[dst], s["row_bar"]
+                        )
+
+            def copies(li, slot, name, head, src_head):
+                # A step's K or V: one copy per page, or per page-sized piece of the new tokens'
+                # rows of x (the barrier counts `pages_per_step` arrivals either way).
+                bar = s[name + "_bar"].at[slot]
+
+                def from_pages():
+                    first_page = (start + li) * pages_per_step
+                    for j in range(pages_per_step):
+                        page = bt_ref[b, jnp.minimum(first_page + j, max_pages - 1)]
+                        dst = s[name].at[slot, pl.ds(j * page_size, page_size)]
+                        plgpu.copy_gmem_to_smem(head.at[page], dst, bar)
+
+                def from_x():
+                    for j in range(pages_per_step):
+                        rows = pl.ds(new0 + j * page_size, page_size)
+                        dst = s[name].at[slot, pl.ds(j * page_size, page_size)]
+                        plgpu.copy_gmem_to_smem(x_ref.at[rows, src_head + kvh], dst, bar)
+
+                if write:
+                    pl.when(li < n_steps)(from_pages)
+                    pl.when(li >= n_steps)(from_x)
+                else:
+                    from_pages()
+
+            def issue(li):
                 slot = lax.rem(li, stages)
-                first_page = (start + li) * pages_per_step
-                pages = [
-                    bt_ref[b, jnp.minimum(first_page + j, max_pages - 1)]
-                    for j in range(pages_per_step)
-                ]
 
                 @pl.when(li >= stages)
                 def _():
-                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(s["k_free"].at[slot])
 
-                for j, page in enumerate(pages):
-                    dst = k_smem.at[slot, pl.ds(j * page_size, page_size)]
-                    plgpu.copy_gmem_to_smem(k_head.at[page], dst, k_bar.at[slot])
+                copies(li, slot, "k", k_head, q_heads)
 
                 @pl.when(li >= stages)
                 def _():
-                    plgpu.barrier_wait(v_free.at[slot])
+                    plgpu.barrier_wait(s["v_free"].at[slot])
 
-                for j, page in enumerate(pages):
-                    dst = v_smem.at[slot, pl.ds(j * page_size, page_size)]
-                    plgpu.copy_gmem_to_smem(v_head.at[page], dst, v_bar.at[slot])
+                copies(li, slot, "v", v_head, q_heads + hkv)
 
+            # The first `stages` steps need no free slot: issue them before the writes.
+            filled = jnp.minimum(n_total, stages)
+            pl.loop(0, filled)(issue)
+            if write:
+
+                @pl.when(first_split)
+                def _():
+                    plgpu.barrier_wait(s["row_bar"])
+                    for i in range(tq):
+                        slot_id = slot_ref[tok0 + i]
+                        page = lax.div(slot_id, page_size)
+                        row = pl.ds(lax.rem(slot_id, page_size), 1)
+
+                        @pl.when(page > 0)  # page 0: padding, dropped
+                        def _(i=i, page=page, row=row):
+                            for src, dst in (("k_row", k_head), ("v_row", v_head)):
+                                plgpu.copy_smem_to_gmem(s[src].at[pl.ds(i, 1)], dst.at[page, row])
+
+            pl.loop(filled, n_total)(issue)
             if interpret:
                 # The interpreter checks that a thread waiting on a barrier sees every phase
                 # of it; on the GPU nothing needs the last `stages` releases, so they go unseen.
-                @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+                @pl.loop(jnp.maximum(n_total - stages, 0), n_total)
                 def _drain(li):
-                    plgpu.barrier_wait(k_free.at[lax.rem(li, stages)])
-                    plgpu.barrier_wait(v_free.at[lax.rem(li, stages)])
+                    plgpu.barrier_wait(s["k_free"].at[lax.rem(li, stages)])
+                    plgpu.barrier_wait(s["v_free"].at[lax.rem(li, stages)])
 
-    def entry(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, lse_ref):
-        kv_tile = plgpu.SMEM((stages, block, d), dtype, transforms=tiles)
-        pl.run_scoped(
-            lambda *scratch: kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, o_ref, lse_ref, scratch),
-            plgpu.SMEM((M_TILE, d), dtype, transforms=tiles),
-            kv_tile,
-            kv_tile,
-            plgpu.SMEM((COMPUTE_WGS, M_TILE, d), jnp.float32),
-            plgpu.SMEM((COMPUTE_WGS, M_TILE), jnp.float32),
-            plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles) if interpret else (),
-            (
-                plgpu.Barrier(),
-                plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
+            if write:
+                plgpu.wait_smem_to_gmem(0)
+
+    kv_tile = plgpu.SMEM((stages, block, d), dtype, transforms=tiles(d))
+    scratch = dict(
+        q=plgpu.SMEM((M_TILE, d), dtype, transforms=tiles(d)),
+        k=kv_tile,
+        v=kv_tile,
+        q_bar=plgpu.Barrier(num_arrivals=tq),
+        k_bar=plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
+        v_bar=plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
+        k_free=plgpu.Barrier(num_barriers=stages),
+        v_free=plgpu.Barrier(num_barriers=stages),
+    )
+    if interpret:
+        scratch["p"] = plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles(block))
+    if write:
+        scratch.update(
+            k_row=plgpu.SMEM((tq, d), dtype),
+            v_row=plgpu.SMEM((tq, d), dtype),
+            row_bar=plgpu.Barrier(num_arrivals=2),
+        )
+    parts = COMPUTE_WGS * splits
+    if merge:
+        scratch.update(
+            acc1=plgpu.SMEM((M_TILE, d), jnp.float32),
+            ml1=plgpu.SMEM((2, M_TILE), jnp.float32),
+            out=plgpu.SMEM((M_TILE, d), dtype),
+            merge_bar=plgpu.Barrier(),
+        )
+        out_type = jax.ShapeDtypeStruct((batch * tq, q_heads, d), dtype)
+    else:
+        scratch.update(
+            o=plgpu.SMEM((COMPUTE_WGS, M_TILE, d), jnp.float32),
+            lse=plgpu.SMEM((COMPUTE_WGS, M_TILE), jnp.float32),
+        )
+        out_type = (
+            jax.ShapeDtypeStruct((batch, hkv, parts, tq * group, d), jnp.float32),
+            jax.ShapeDtypeStruct(
+                (batch, hkv, parts, tq * group if lse_rows else M_TILE), jnp.float32
             ),
-            collective_axes="wg",
         )
 
-    parts = COMPUTE_WGS * splits
+    def entry(*refs):
+        pl.run_scoped(lambda **s: kernel(*refs, **s), collective_axes="wg", **scratch)
+
     return plgpu.kernel(
         entry,
-        out_type=(
-            jax.ShapeDtypeStruct((batch, hkv, parts, rows, d), jnp.float32),
-            jax.ShapeDtypeStruct((batch, hkv, parts, M_TILE), jnp.float32),
-        ),
+        out_type=out_type,
         grid=(splits, hkv, batch),
         grid_names=("split", "head", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(q_rows, k_pages, v_pages, block_tables, seq_lens)
+    )(x, k_pages, v_pages, slots, block_tables, seq_lens)
 
 
 def combine_splits(o_part: jax.Array, lse_part: jax.Array) -> jax.Array:
@@ -290,6 +501,88 @@ def combine_splits(o_part: jax.Array, lse_part: jax.Array) -> jax.Array:
 def num_sms() -> int:
     dev = jax.devices()[0]
     return int(getattr(dev, "core_count", 0) or NUM_SMS_DEFAULT)
+
+
+def _run(
+    x,
+    k_pages,
+    v_pages,
+    slots,
+    block_tables,
+    seq_lens,
+    *,
+    scale,
+    q_heads,
+    query_tokens,
+    write,
+    num_splits,
+    interpret,
+):
+    """Shared wrapper: config, head padding, the kernel, and the XLA merge of several splits."""
+    hkv, _, page_size, d = k_pages.shape
+    batch = (slots.shape[0] if write else x.shape[0]) // query_tokens
+    group = q_heads // hkv
+    seg = segment_rows(group, hkv)
+    cfg = choose_config(
+        batch, hkv, block_tables.shape[1], page_size, d, num_sms(), query_tokens, write
+    )
+    if num_splits is not None:
+        cfg = dataclasses.replace(cfg, num_splits=num_splits)
+    # Every KV head's run of `seg` query heads must lie inside the array, and TMA's tiled copies
+    # want the heads a multiple of 8 (a copy in rare shapes).
+    need = max(max((h * group) // 8 * 8 + seg for h in range(hkv)), -(-x.shape[1] // 8) * 8)
+    if need > x.shape[1]:
+        x = jnp.pad(x, ((0, 0), (0, need - x.shape[1]), (0, 0)))
+    call = functools.partial(
+        _decode_call,
+        scale=scale,
+        batch=batch,
+        q_heads=q_heads,
+        query_tokens=query_tokens,
+        write=write,
+        cfg=cfg,
+        interpret=interpret,
+    )
+    tables, lens = block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32)
+    if write:
+
+        def body(refs):
+            k_ref, v_ref, out_refs = refs
+            outs = call(x, k_ref, v_ref, slots, tables, lens)
+            for ref, value in zip(jax.tree.leaves(out_refs), jax.tree.leaves(outs), strict=True):
+                ref[...] = value
+
+        out_shape = jax.eval_shape(lambda: call(x, k_pages, v_pages, slots, tables, lens))
+        holder = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape)
+        k_pages, v_pages, out = pl.run_state(body)((k_pages, v_pages, holder))
+    else:
+        out = call(x, k_pages, v_pages, slots, tables, lens)
+    if cfg.num_splits > 1:
+        o_part, lse_part = out
+        if lse_part.shape[-1] != query_tokens * group:
+            lse_part = _group_rows(lse_part, seg, group, query_tokens)
+        out = combine_splits(o_part, lse_part)  # [B, Hkv, T*G, D]
+        out = out.reshape(batch, hkv, query_tokens, group, d).swapaxes(1, 2)
+        out = out.reshape(batch * query_tokens, q_heads, d).astype(x.dtype)
+    return out, k_pages, v_pages
+
+
+def _group_rows(lse_part: jax.Array, seg: int, group: int, query_tokens: int) -> jax.Array:
+    """[B, Hkv, parts, 64] log-sum-exps of whole tiles → each KV head's group rows [B, Hkv,
+    parts, T*G], by static slices (a gather would keep XLA from fusing the merge)."""
+    return jnp.stack(
+        [
+            jnp.concatenate(
+                [
+                    lse_part[:, h, :, i * seg + (h * group) % 8 :][:, :, :group]
+                    for i in range(query_tokens)
+                ],
+                axis=-1,
+            )
+            for h in range(lse_part.shape[1])
+        ],
+        axis=1,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits", "interpret"))
@@ -308,38 +601,64 @@ def paged_decode(
     """q: [B * query_tokens, q_heads, D] (the last `query_tokens` positions of each sequence, in
     order); returns the same shape. `seq_lens` count the query tokens, already in the cache.
     `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring)."""
-    bq, hq, d = q.shape
-    hkv, _, page_size, _ = k_pages.shape
-    batch, group = bq // query_tokens, hq // hkv
-    rows = query_tokens * group
-    cfg = choose_config(batch, hkv, block_tables.shape[1], page_size, d, num_sms())
-    if num_splits is not None:
-        cfg = dataclasses.replace(cfg, num_splits=num_splits)
-    # [B, T, Hkv, G, D] -> [B, Hkv, T*G, D]: a KV head's query rows become contiguous (a free
-    # reshape when T == 1). TMA wants the tile's first row 8-aligned, so groups of rows that are
-    # not a multiple of 8 get padded (a copy of a few hundred KB at most).
-    q_rows = q.reshape(batch, query_tokens, hkv, group, d).swapaxes(1, 2)
-    q_rows = q_rows.reshape(batch, hkv, rows, d)
-    rows_p = -(-rows // 8) * 8
-    if rows_p != rows:
-        q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
-    q_rows = q_rows.reshape(-1, d)
-    if q_rows.shape[0] < M_TILE:  # the 64-row TMA box must fit inside the array
-        q_rows = jnp.pad(q_rows, ((0, M_TILE - q_rows.shape[0]), (0, 0)))
-    o_part, lse_part = _decode_call(
-        q_rows,
+    no_slots = jnp.zeros((q.shape[0],), jnp.int32)
+    out, _, _ = _run(
+        q,
         k_pages,
         v_pages,
-        block_tables.astype(jnp.int32),
-        seq_lens.astype(jnp.int32),
+        no_slots,
+        block_tables,
+        seq_lens,
         scale=scale,
-        batch=batch,
-        rows=rows_p,
+        q_heads=q.shape[1],
         query_tokens=query_tokens,
-        group=group,
-        cfg=cfg,
+        write=False,
+        num_splits=num_splits,
         interpret=interpret,
     )
-    out = combine_splits(o_part[..., :rows, :], lse_part[..., :rows])  # [B, Hkv, T*G, D]
-    out = out.reshape(batch, hkv, query_tokens, group, d).swapaxes(1, 2)
-    return out.reshape(bq, hq, d).astype(q.dtype)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits", "interpret"))
+def paged_decode_write(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    slot_mapping: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    *,
+    scale: float,
+    query_tokens: int = 1,
+    num_splits: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write the step's new K/V into their slots and attend, in one kernel.
+
+    q: [B * query_tokens, q_heads, D], k / v: [B * query_tokens, kv_heads, D] (RoPE applied),
+    the last `query_tokens` positions of each sequence in order; `seq_lens` count them. Slots in
+    page 0 are not written. Returns (out like q, k_pages, v_pages); the pages are updated in
+    place when the caller donates them."""
+    t = q.shape[0]
+    # One array for the kernel's copies (XLA builds it in the fusion that makes q, k and v), of
+    # whole 8-row tiles and at least one new-token tile.
+    x = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
+    rows = max(-(-t // 8) * 8, 64, k_pages.shape[2])  # one step's keys: max(64, page_size)
+    if rows != t:
+        x = jnp.pad(x, ((0, rows - t), (0, 0), (0, 0)))
+    return _run(
+        x,
+        k_pages,
+        v_pages,
+        slot_mapping.astype(jnp.int32)[:t],
+        block_tables,
+        seq_lens,
+        scale=scale,
+        q_heads=q.shape[1],
+        query_tokens=query_tokens,
+        write=True,
+        num_splits=num_splits,
+        interpret=interpret,
+    )

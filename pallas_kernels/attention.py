@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxserve.sharding import TENSOR, kv_spec
-from pallas_kernels import flash_attention, paged_attention
+from pallas_kernels import _mosaic_decode, flash_attention, paged_attention
 
 BACKENDS = ("auto", "reference", "xla", "mosaic")
 
@@ -66,27 +66,50 @@ def write_kv(
 
 def attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv: tuple[jax.Array, jax.Array],
     positions: jax.Array,
     meta: AttentionMetadata,
     *,
     scale: float,
-) -> jax.Array:
-    """q: [T, q_heads, head_dim] → [T, q_heads, head_dim]; K/V of this step are already written.
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Write this step's K/V into the cache and attend: q [T, q_heads, head_dim], k / v [T,
+    kv_heads, head_dim] (RoPE applied) → ([T, q_heads, head_dim], the updated (k_pages, v_pages)).
 
     Under a mesh with a `tensor` axis (see `jaxserve.sharding`) each device attends with its own
     KV heads and their query heads, in a `shard_map`: XLA cannot split a kernel's custom call by
     head itself and would gather every head's K/V onto every device. When the KV heads are too
     few to split, the cache is replicated and every device attends with all heads.
     """
+    if not _fused_decode(q, kv[0], meta):
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        return _sharded(_attention, q, k_pages, v_pages, positions, meta, scale=scale), (
+            k_pages,
+            v_pages,
+        )
+    out, k_pages, v_pages = _sharded_write(q, k, v, kv, meta, scale=scale)
+    return out, (k_pages, v_pages)
+
+
+def _fused_decode(q: jax.Array, k_pages: jax.Array, meta: AttentionMetadata) -> bool:
+    """Whether the decode step writes and attends in one Mosaic kernel."""
+    if not (meta.is_decode and meta.backend == "mosaic"):
+        return False
+    hkv, _, page_size, d = k_pages.shape
+    return not _mosaic_decode.supported(
+        q.dtype, k_pages.dtype, d, page_size, q.shape[1] // hkv, hkv
+    )
+
+
+def _sharded(fn, q, k_pages, v_pages, positions, meta, *, scale):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get(TENSOR, 1) == 1:
-        return _attention(q, k_pages, v_pages, positions, meta, scale=scale)
+        return fn(q, k_pages, v_pages, positions, meta, scale=scale)
     kv = kv_spec(k_pages.shape[0], mesh.shape)
     heads = PartitionSpec(None, *kv)
     return jax.shard_map(
-        functools.partial(_attention, scale=scale),
+        functools.partial(fn, scale=scale),
         mesh=mesh,
         in_specs=(heads, kv, kv, PartitionSpec(), PartitionSpec()),
         out_specs=heads,
@@ -94,6 +117,34 @@ def attention(
         # values in ways the varying-axes checker rejects.
         check_vma=False,
     )(q, k_pages, v_pages, positions, meta)
+
+
+def _sharded_write(q, k, v, kv, meta, *, scale):
+    def run(q, k, v, k_pages, v_pages, meta):
+        return _mosaic_decode.paged_decode_write(
+            q,
+            k,
+            v,
+            k_pages,
+            v_pages,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            scale=scale,
+        )
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get(TENSOR, 1) == 1:
+        return run(q, k, v, *kv, meta)
+    spec = kv_spec(kv[0].shape[0], mesh.shape)
+    heads = PartitionSpec(None, *spec)
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(heads, heads, heads, spec, spec, PartitionSpec()),
+        out_specs=(heads, spec, spec),
+        check_vma=False,
+    )(q, k, v, *kv, meta)
 
 
 def _attention(

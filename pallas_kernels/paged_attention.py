@@ -80,7 +80,7 @@ def paged_attention(
             raise ValueError("attention_backend: 'mosaic' needs an sm_90 (Hopper) GPU")
         hkv, _, page_size, d = k_pages.shape
         group = q.shape[1] // hkv
-        if not _mosaic_decode.supported(q.dtype, k_pages.dtype, d, page_size, group):
+        if not _mosaic_decode.supported(q.dtype, k_pages.dtype, d, page_size, group, hkv):
             return _mosaic_decode.paged_decode(
                 q, k_pages, v_pages, block_tables, seq_lens, scale=scale
             )

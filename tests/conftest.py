@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import pytest
+# The Mosaic GPU interpreter runs each warpgroup of a kernel as its own CPU computation, blocked in
+# callbacks while it waits on a barrier; with fewer XLA CPU worker threads than warpgroups + 1
+# (the default is the core count: 2 on CI) a warpgroup may never start and the kernel deadlocks.
+# Read when the CPU client is created, so it must be set before the first JAX computation.
+os.environ.setdefault("PJRT_NPROC", "8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
 # Float32 parity checks need true f32 matmuls; GPUs default to TF32 for them.
 jax.config.update("jax_default_matmul_precision", "highest")

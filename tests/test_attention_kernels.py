@@ -9,6 +9,7 @@ sequence's last page holding stale keys, and unused block-table entries pointing
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -449,6 +450,99 @@ def test_mosaic_decode_interpreted_matches_reference(
     assert rel_err(out, ref) <= 1e-2
 
 
+def decode_write_case(
+    rng: np.random.Generator,
+    lens: list[int],
+    hkv: int,
+    group: int,
+    head_dim: int,
+    page: int,
+    query_tokens: int,
+    dtype: jnp.dtype,
+) -> tuple[tuple, np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs of `paged_decode_write` whose new tokens are the last `query_tokens` positions of
+    each sequence, with their slots in the cache overwritten by garbage first; and the expected
+    output, K pages and V pages (the cache as `make_paged_case` filled it). Rows of empty
+    sequences are padding: slots in page 0, which must not be written."""
+    case = make_paged_case(rng, lens, hkv, head_dim, page)
+    t = len(lens) * query_tokens
+    k_new, v_new = np.zeros((2, t, hkv, head_dim), np.float32)
+    slots = np.zeros((t,), np.int32)
+    k_pages, v_pages = case.k_pages.copy(), case.v_pages.copy()
+    for b, n in enumerate(lens):
+        for i in range(query_tokens if n else 0):
+            pos = n - query_tokens + i
+            page_id = case.block_tables[b, pos // page]
+            row = b * query_tokens + i
+            k_new[row], v_new[row] = case.k_seq[b][pos], case.v_seq[b][pos]
+            slots[row] = page_id * page + pos % page
+            k_pages[:, page_id, pos % page] = -77.0
+            v_pages[:, page_id, pos % page] = 77.0
+    q = rng.standard_normal((t, hkv * group, head_dim))
+    args = (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_new, dtype),
+        jnp.asarray(v_new, dtype),
+        jnp.asarray(k_pages, dtype),
+        jnp.asarray(v_pages, dtype),
+        jnp.asarray(slots),
+        jnp.asarray(case.block_tables),
+        jnp.asarray(case.seq_lens),
+    )
+    as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
+    qf = as_dtype(q)
+    ref = np.zeros_like(qf)
+    for b, n in enumerate(lens):
+        if n:
+            rows = slice(b * query_tokens, (b + 1) * query_tokens)
+            ks, vs = as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b])
+            ref[rows] = dense_attention(qf[rows], ks, vs, n - query_tokens, 0.3)
+    return args, ref, as_dtype(case.k_pages), as_dtype(case.v_pages)
+
+
+def check_decode_write(lens, outs, ref, k_want, v_want, query_tokens) -> None:
+    out, k_pages, v_pages = (np.asarray(a.astype(jnp.float32)) for a in outs)
+    assert rel_err(out, ref) <= 1e-2
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert np.all(out[b * query_tokens : (b + 1) * query_tokens] == 0.0)
+    # Every new slot written, nothing else touched (page 0 included).
+    np.testing.assert_array_equal(k_pages, k_want)
+    np.testing.assert_array_equal(v_pages, v_want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "dtype", "splits", "query_tokens"),
+    [
+        # A one-token sequence, an empty (padding) row, mid-page ends, 4 steps in one CTA.
+        ([1, 17, 200, 0, 64], 4, 64, 16, jnp.bfloat16, None, 1),
+        ([300, 33], 8, 128, 64, jnp.float16, 2, 1),  # splits: the XLA merge
+        ([129, 7, 3], 1, 64, 8, jnp.bfloat16, 2, 1),  # one query row per KV head, page 8
+        ([2, 90, 17], 4, 64, 16, jnp.bfloat16, None, 2),  # two new tokens, across pages in one row
+    ],
+)
+def test_mosaic_decode_write_interpreted(
+    lens: list[int],
+    group: int,
+    head_dim: int,
+    page: int,
+    dtype: jnp.dtype,
+    splits: int | None,
+    query_tokens: int,
+) -> None:
+    """The engine's decode kernel (write the new K/V, attend to cache + new tokens) in the
+    interpreter: output against the dense oracle, the cache against the expected one."""
+    rng = np.random.default_rng(sum(lens) + page)
+    args, ref, k_want, v_want = decode_write_case(
+        rng, lens, 2, group, head_dim, page, query_tokens, dtype
+    )
+    outs = _mosaic_decode.paged_decode_write(
+        *args, scale=0.3, query_tokens=query_tokens, num_splits=splits, interpret=True
+    )
+    check_decode_write(lens, outs, ref, k_want, v_want, query_tokens)
+
+
 # --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
 
 
@@ -525,6 +619,41 @@ def test_mosaic_decode_several_query_tokens() -> None:
         vs = np.asarray(jnp.asarray(case.v_seq[b], jnp.bfloat16).astype(jnp.float32))
         ref[b * qt : (b + 1) * qt] = dense_attention(qf[b * qt : (b + 1) * qt], ks, vs, n - qt, 0.1)
     assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= 1e-2
+
+
+@hopper
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "splits", "query_tokens"),
+    [
+        ([1, 17, 300, 0, 64, 1000], 4, 128, 16, None, 1),
+        ([1, 17, 300, 0, 64, 1000], 4, 128, 16, 5, 1),
+        ([5000, 33, 2], 8, 128, 64, None, 1),
+        ([129, 2048, 7], 1, 64, 128, 3, 1),
+        ([2, 90, 700, 17], 4, 64, 16, None, 2),
+        ([3, 90, 700, 17], 4, 128, 16, 4, 3),
+    ],
+)
+def test_mosaic_decode_write_matches_reference(
+    lens: list[int],
+    group: int,
+    head_dim: int,
+    page: int,
+    splits: int | None,
+    query_tokens: int,
+) -> None:
+    rng = np.random.default_rng(len(lens) * 100 + page + query_tokens)
+    args, ref, k_want, v_want = decode_write_case(
+        rng, lens, 2, group, head_dim, page, query_tokens, jnp.bfloat16
+    )
+    run = functools.partial(
+        _mosaic_decode.paged_decode_write,
+        scale=0.3,
+        query_tokens=query_tokens,
+        num_splits=splits,
+    )
+    # A first call on other queries leaves wrong values in any buffer the second may reuse.
+    run(jnp.asarray(rng.standard_normal(args[0].shape), jnp.bfloat16), *args[1:])
+    check_decode_write(lens, run(*args), ref, k_want, v_want, query_tokens)
 
 
 @hopper

@@ -188,6 +188,7 @@ def bench_decode(c: DecodeCase, dtype: jnp.dtype, iters: int, ceil: dict[str, fl
             c.page,
             c.head_dim,
             _mosaic_decode.num_sms(),
+            write=False,
         ).num_splits,
     }
     row["mosaic_tb_s"] = x["kv_bytes"] / (row["mosaic_us"] * 1e-6) / 1e12
