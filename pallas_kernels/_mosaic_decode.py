@@ -164,9 +164,7 @@ def _decode_call(
     seg = segment_rows(group, hkv)
     block, stages, splits = cfg.block_tokens, cfg.stages, cfg.num_splits
     merge = splits == 1
-    # Bulk copies move 16-byte pieces: with 4k heads per group the log-sum-exps of just the
-    # group's rows are written, else all 64 rows of the tile (and the wrapper picks them).
-    lse_rows = group % 4 == 0
+    lse_rows = group % 4 == 0  # see `_out_type`
     pages_per_step = block // page_size
     max_pages = block_tables.shape[1]
     qk_scale = scale * LOG2E  # scores kept in the log2 domain so exp2 is a single FMA + MUFU
@@ -452,7 +450,6 @@ def _decode_call(
             v_row=plgpu.SMEM((tq, d), dtype),
             row_bar=plgpu.Barrier(num_arrivals=2),
         )
-    parts = COMPUTE_WGS * splits
     if merge:
         scratch.update(
             acc1=plgpu.SMEM((M_TILE, d), jnp.float32),
@@ -460,18 +457,12 @@ def _decode_call(
             out=plgpu.SMEM((M_TILE, d), dtype),
             merge_bar=plgpu.Barrier(),
         )
-        out_type = jax.ShapeDtypeStruct((batch * tq, q_heads, d), dtype)
     else:
         scratch.update(
             o=plgpu.SMEM((COMPUTE_WGS, M_TILE, d), jnp.float32),
             lse=plgpu.SMEM((COMPUTE_WGS, M_TILE), jnp.float32),
         )
-        out_type = (
-            jax.ShapeDtypeStruct((batch, hkv, parts, tq * group, d), jnp.float32),
-            jax.ShapeDtypeStruct(
-                (batch, hkv, parts, tq * group if lse_rows else M_TILE), jnp.float32
-            ),
-        )
+    out_type = _out_type(batch, hkv, q_heads, d, dtype, tq, splits)
 
     def entry(*refs):
         pl.run_scoped(lambda **s: kernel(*refs, **s), collective_axes="wg", **scratch)
@@ -486,6 +477,20 @@ def _decode_call(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(x, k_pages, v_pages, slots, block_tables, seq_lens)
+
+
+def _out_type(batch, hkv, q_heads, d, dtype, query_tokens, splits):
+    """The kernel's outputs: the result rows with one split, else the normalized partials and
+    their log-sum-exps. Bulk copies move 16-byte pieces: with 4k heads per group the log-sum-exps
+    of just the group's rows are written, else all 64 rows of the tile (the wrapper picks them)."""
+    if splits == 1:
+        return jax.ShapeDtypeStruct((batch * query_tokens, q_heads, d), dtype)
+    parts, rows = COMPUTE_WGS * splits, query_tokens * (q_heads // hkv)
+    lse_rows = rows if (q_heads // hkv) % 4 == 0 else M_TILE
+    return (
+        jax.ShapeDtypeStruct((batch, hkv, parts, rows, d), jnp.float32),
+        jax.ShapeDtypeStruct((batch, hkv, parts, lse_rows), jnp.float32),
+    )
 
 
 def combine_splits(o_part: jax.Array, lse_part: jax.Array) -> jax.Array:
@@ -552,8 +557,9 @@ def _run(
             for ref, value in zip(jax.tree.leaves(out_refs), jax.tree.leaves(outs), strict=True):
                 ref[...] = value
 
-        out_shape = jax.eval_shape(lambda: call(x, k_pages, v_pages, slots, tables, lens))
-        holder = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape)
+        # The outputs ride along as refs too (dead zeros XLA drops): run_state returns refs only.
+        out_type = _out_type(batch, hkv, q_heads, d, x.dtype, query_tokens, cfg.num_splits)
+        holder = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_type)
         k_pages, v_pages, out = pl.run_state(body)((k_pages, v_pages, holder))
     else:
         out = call(x, k_pages, v_pages, slots, tables, lens)
