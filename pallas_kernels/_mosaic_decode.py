@@ -194,7 +194,9 @@ def _decode_call(
         # The new-token step's first row of x: 8-aligned, and the step's keys inside x.
         new0 = lax.div(jnp.minimum(tok0, x.shape[0] - block), 8) * 8
 
-        def _finish_merged(acc, m_i, l_i, wg, s, out_ref, tok0, off, kvh):
+        def _finish_merged(acc, m_i, l_i):
+            (out_ref,) = outs
+
             @pl.when(wg == 1)
             def _():
                 s["acc1"][...] = acc
@@ -227,7 +229,7 @@ def _decode_call(
                     )
                 plgpu.wait_smem_to_gmem(0)
 
-        def _finish_partial(acc, m_i, l_i, wg, split, s, outs, b, kvh, off):
+        def _finish_partial(acc, m_i, l_i):
             o_ref, lse_ref = outs
             nonzero = l_i > 0.0
             inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
@@ -338,9 +340,9 @@ def _decode_call(
             acc0 = plgpu.layout_cast(jnp.zeros((M_TILE, d), jnp.float32), plgpu.Layout.WGMMA)
             acc, m_i, l_i = lax.fori_loop(0, my_steps, step, (acc0, m0, l0))
             if merge:
-                _finish_merged(acc, m_i, l_i, wg, s, outs[0], tok0, off, kvh)
+                _finish_merged(acc, m_i, l_i)
             else:
-                _finish_partial(acc, m_i, l_i, wg, split, s, outs, b, kvh, off)
+                _finish_partial(acc, m_i, l_i)
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():

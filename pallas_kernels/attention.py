@@ -82,13 +82,38 @@ def attention(
     head itself and would gather every head's K/V onto every device. When the KV heads are too
     few to split, the cache is replicated and every device attends with all heads.
     """
+    hkv = kv[0].shape[0]
     if not _fused_decode(q, kv[0], meta):
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        return _sharded(_attention, q, k_pages, v_pages, positions, meta, scale=scale), (
+        out = _by_kv_head(
+            functools.partial(_attention, scale=scale),
+            (q, k_pages, v_pages, positions, meta),
+            ("heads", "pages", "pages", "all", "all"),
+            "heads",
+            hkv,
+        )
+        return out, (k_pages, v_pages)
+
+    def fused(q, k, v, k_pages, v_pages, meta):
+        return _mosaic_decode.paged_decode_write(
+            q,
+            k,
+            v,
             k_pages,
             v_pages,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            scale=scale,
         )
-    out, k_pages, v_pages = _sharded_write(q, k, v, kv, meta, scale=scale)
+
+    out, k_pages, v_pages = _by_kv_head(
+        fused,
+        (q, k, v, *kv, meta),
+        ("heads", "heads", "heads", "pages", "pages", "all"),
+        ("heads", "pages", "pages"),
+        hkv,
+    )
     return out, (k_pages, v_pages)
 
 
@@ -102,49 +127,27 @@ def _fused_decode(q: jax.Array, k_pages: jax.Array, meta: AttentionMetadata) -> 
     )
 
 
-def _sharded(fn, q, k_pages, v_pages, positions, meta, *, scale):
+def _by_kv_head(fn, args: tuple, in_parts: tuple[str, ...], out_parts, kv_heads: int):
+    """`fn(*args)`, run by each device on its own KV heads under a mesh with a `tensor` axis
+    (as is otherwise). Parts name how each argument and result is laid out: "heads" ([T, heads,
+    ...], split by head), "pages" (a K or V cache, split by KV head), "all" (replicated);
+    `out_parts` is one name for a single result."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get(TENSOR, 1) == 1:
-        return fn(q, k_pages, v_pages, positions, meta, scale=scale)
-    kv = kv_spec(k_pages.shape[0], mesh.shape)
-    heads = PartitionSpec(None, *kv)
+        return fn(*args)
+    kv = kv_spec(kv_heads, mesh.shape)
+    spec = {"heads": PartitionSpec(None, *kv), "pages": kv, "all": PartitionSpec()}
     return jax.shard_map(
-        functools.partial(fn, scale=scale),
+        fn,
         mesh=mesh,
-        in_specs=(heads, kv, kv, PartitionSpec(), PartitionSpec()),
-        out_specs=heads,
+        in_specs=tuple(spec[p] for p in in_parts),
+        out_specs=spec[out_parts]
+        if isinstance(out_parts, str)
+        else tuple(spec[p] for p in out_parts),
         # No collectives inside; the loops of the reference paths mix per-device and replicated
         # values in ways the varying-axes checker rejects.
         check_vma=False,
-    )(q, k_pages, v_pages, positions, meta)
-
-
-def _sharded_write(q, k, v, kv, meta, *, scale):
-    def run(q, k, v, k_pages, v_pages, meta):
-        return _mosaic_decode.paged_decode_write(
-            q,
-            k,
-            v,
-            k_pages,
-            v_pages,
-            meta.slot_mapping,
-            meta.block_tables,
-            meta.seq_lens,
-            scale=scale,
-        )
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get(TENSOR, 1) == 1:
-        return run(q, k, v, *kv, meta)
-    spec = kv_spec(kv[0].shape[0], mesh.shape)
-    heads = PartitionSpec(None, *spec)
-    return jax.shard_map(
-        run,
-        mesh=mesh,
-        in_specs=(heads, heads, heads, spec, spec, PartitionSpec()),
-        out_specs=(heads, spec, spec),
-        check_vma=False,
-    )(q, k, v, *kv, meta)
+    )(*args)
 
 
 def _attention(
