@@ -45,7 +45,7 @@ from jax import lax
 LOG2E = math.log2(math.e)
 M_TILE = 64  # wgmma M: query rows per CTA
 SMEM_BYTES = 227 * 1024
-MEMORY_WG_REGISTERS = 40
+COMPUTE_WGS = 2
 NUM_SMS_DEFAULT = 132  # H100 SXM; used when the device does not say
 
 
@@ -54,9 +54,8 @@ class DecodeConfig:
     """Static shape of one kernel instance."""
 
     block_tokens: int  # keys per pipeline step (a whole number of pages)
-    stages: int  # steps in flight; a multiple of compute_wgs: each warpgroup owns its slots
+    stages: int  # steps in flight; even, so each compute warpgroup owns stages // 2 slots
     num_splits: int  # CTAs per (sequence, KV head)
-    compute_wgs: int = 2  # warpgroups taking turns at the steps of one CTA
 
 
 def segment_rows(group: int, kv_heads: int) -> int:
@@ -90,12 +89,12 @@ def supported(
     return ""
 
 
-def _fixed_smem(head_dim: int, splits: int, query_tokens: int, write: bool, wgs: int) -> int:
+def _fixed_smem(head_dim: int, splits: int, query_tokens: int, write: bool) -> int:
     q_tile = M_TILE * head_dim * 2
-    if splits == 1:  # the other warpgroups' accumulators, m and l, and the 16-bit result
-        out = (wgs - 1) * (M_TILE * head_dim * 4 + 2 * M_TILE * 4) + M_TILE * head_dim * 2
-    else:  # every warpgroup's normalized partial and log-sum-exps
-        out = wgs * M_TILE * (head_dim + 1) * 4
+    if splits == 1:  # warpgroup 1's accumulator, m and l, and the 16-bit result
+        out = M_TILE * head_dim * 4 + 2 * M_TILE * 4 + M_TILE * head_dim * 2
+    else:  # both warpgroups' normalized partials and log-sum-exps
+        out = COMPUTE_WGS * M_TILE * (head_dim + 1) * 4
     rows = 2 * query_tokens * head_dim * 2 if write else 0  # the new K/V rows to write
     # + barriers, alignment and the 2 KB Pallas keeps for cross-warp reductions
     return q_tile + out + rows + 4096
@@ -110,36 +109,30 @@ def choose_config(
     num_sms: int,
     query_tokens: int = 1,
     write: bool = True,
-    num_splits: int | None = None,
 ) -> DecodeConfig:
-    """Block, pipeline depth, split count and compute warpgroups for a problem; a pure
-    function of static shapes. `num_splits` overrides the split count."""
+    """Block, pipeline depth and split count for a problem; pure function of static shapes."""
     block = max(64, page_size)
     stage_bytes = 2 * block * head_dim * 2  # K and V tiles of one step, 16-bit
     max_blocks = max(1, -(-max_pages * page_size // block))
-    # A 64-wide accumulator leaves registers for four compute warpgroups: a CTA then does the
-    # work of two 2-warpgroup CTAs, so fewer splits fill the GPU (one: no merge kernel).
-    wgs = 4 if head_dim == 64 else 2
     # Enough CTAs to fill the SMs with little wave quantization, but at least ~4 steps per
     # compute warpgroup so the pipeline runs full. One split merges its result in the kernel;
-    # more are merged by a small XLA kernel (`combine_splits`, ~1.3 us), so a second split
-    # must buy more.
-    ctas = batch * kv_heads * wgs // 2
-    best, best_eff = num_splits or 1, 0.0
-    for s in range(1, 0 if num_splits else max(1, max_blocks // 8) + 1):
+    # more are merged by a small XLA kernel (`combine_splits`).
+    ctas = batch * kv_heads
+    best, best_eff = 1, 0.0
+    for s in range(1, max(1, max_blocks // 8) + 1):
         n = ctas * s
         eff = n / (-(-n // num_sms) * num_sms)
         if n < num_sms:
             eff *= n / num_sms
-        if eff > best_eff + (0.05 if best == 1 and best_eff > 0 else 0.02):
+        if eff > best_eff + 0.02:
             best, best_eff = s, eff
         if best_eff > 0.9 and n >= num_sms:
             break
-    fixed = _fixed_smem(head_dim, best, query_tokens, write, wgs)
-    stages = min(max(6, 2 * wgs), (SMEM_BYTES - fixed) // stage_bytes) // wgs * wgs
-    if stages < wgs:
+    fixed = _fixed_smem(head_dim, best, query_tokens, write)
+    stages = min(6, (SMEM_BYTES - fixed) // stage_bytes) // 2 * 2
+    if stages < 2:
         raise ValueError(f"head_dim {head_dim} with page_size {page_size} does not fit in SMEM")
-    return DecodeConfig(block_tokens=block, stages=stages, num_splits=best, compute_wgs=wgs)
+    return DecodeConfig(block_tokens=block, stages=stages, num_splits=best)
 
 
 def _decode_call(
@@ -169,7 +162,7 @@ def _decode_call(
     tq = query_tokens
     group = q_heads // hkv
     seg = segment_rows(group, hkv)
-    block, stages, splits, wgs = cfg.block_tokens, cfg.stages, cfg.num_splits, cfg.compute_wgs
+    block, stages, splits = cfg.block_tokens, cfg.stages, cfg.num_splits
     merge = splits == 1
     lse_rows = group % 4 == 0  # see `_out_type`
     pages_per_step = block // page_size
@@ -202,40 +195,32 @@ def _decode_call(
         new0 = lax.div(jnp.minimum(tok0, x.shape[0] - block), 8) * 8
 
         def _finish_merged(acc, m_i, l_i):
-            # The other warpgroups hand their state over in shared memory; warpgroup 0 merges.
             (out_ref,) = outs
 
-            @pl.when(wg > 0)
+            @pl.when(wg == 1)
             def _():
-                s["acc1"][wg - 1] = acc
-                s["ml1"][wg - 1, 0] = m_i
-                s["ml1"][wg - 1, 1] = l_i
+                s["acc1"][...] = acc
+                s["ml1"][0] = m_i
+                s["ml1"][1] = l_i
                 plgpu.barrier_arrive(s["merge_bar"])
 
             @pl.when(wg == 0)
             def _():
                 plgpu.barrier_wait(s["merge_bar"])
                 row = plgpu.Layout.WGMMA.reduce(1)
-                ml = [
-                    (
-                        plgpu.load(s["ml1"].at[w, 0], layout=row),
-                        plgpu.load(s["ml1"].at[w, 1], layout=row),
-                    )
-                    for w in range(wgs - 1)
-                ]
-                m = functools.reduce(jnp.maximum, [m_w for m_w, _ in ml], m_i)
+                acc1 = plgpu.load(s["acc1"], layout=plgpu.Layout.WGMMA)
+                m1 = plgpu.load(s["ml1"].at[0], layout=row)
+                l1 = plgpu.load(s["ml1"].at[1], layout=row)
+                m = jnp.maximum(m_i, m1)
+                a0, a1 = jnp.exp2(m_i - m), jnp.exp2(m1 - m)
+                l_sum = l_i * a0 + l1 * a1
+                nonzero = l_sum > 0.0
+                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_sum, 1.0), 0.0)
                 bc = functools.partial(
                     lax.broadcast_in_dim, shape=acc.shape, broadcast_dimensions=[0]
                 )
-                a = jnp.exp2(m_i - m)
-                o, l_sum = acc * bc(a), l_i * a
-                for w, (m_w, l_w) in enumerate(ml):
-                    a = jnp.exp2(m_w - m)
-                    o += plgpu.load(s["acc1"].at[w], layout=plgpu.Layout.WGMMA) * bc(a)
-                    l_sum += l_w * a
-                nonzero = l_sum > 0.0
-                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_sum, 1.0), 0.0)
-                s["out"][...] = (o * bc(inv)).astype(dtype)
+                o = acc * bc(a0 * inv) + acc1 * bc(a1 * inv)
+                s["out"][...] = o.astype(dtype)
                 plgpu.commit_smem()
                 for i in range(tq):
                     plgpu.copy_smem_to_gmem(
@@ -253,7 +238,7 @@ def _decode_call(
                 nonzero, m_i + jnp.log2(jnp.where(nonzero, l_i, 1.0)), -jnp.inf
             )
             plgpu.commit_smem()
-            part = wgs * split + wg
+            part = COMPUTE_WGS * split + wg
             for i in range(tq):
                 plgpu.copy_smem_to_gmem(
                     s["o"].at[wg, pl.ds(i * seg + off, group)],
@@ -269,10 +254,10 @@ def _decode_call(
                 plgpu.copy_smem_to_gmem(s["lse"].at[wg], lse_ref.at[b, kvh, part])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg < wgs)
+        @pl.when(wg < COMPUTE_WGS)
         def _compute():
-            plgpu.set_max_registers(compute_registers, action="increase")
-            my_steps = lax.div(jnp.maximum(n_total - wg, 0) + wgs - 1, wgs)
+            plgpu.set_max_registers(232, action="increase")
+            my_steps = lax.div(jnp.maximum(n_total - wg, 0) + 1, 2)
             q_smem = s["q"]
 
             def iota(cols: int, dim: int):
@@ -326,7 +311,7 @@ def _decode_call(
                 return acc, m_new, l_i
 
             def step(j, carry):
-                li = wg + wgs * j  # step index within the CTA's range
+                li = wg + 2 * j  # step index within the CTA's range
                 slot = lax.rem(li, stages)
                 if write:  # (arithmetic, not a select: the step kind is a scalar)
                     new = (li >= n_steps).astype(jnp.int32)
@@ -359,9 +344,9 @@ def _decode_call(
             else:
                 _finish_partial(acc, m_i, l_i)
 
-        @pl.when(wg == wgs)
+        @pl.when(wg == COMPUTE_WGS)
         def _memory():
-            plgpu.set_max_registers(MEMORY_WG_REGISTERS, action="decrease")
+            plgpu.set_max_registers(40, action="decrease")
             for i in range(tq):
                 plgpu.copy_gmem_to_smem(
                     x_ref.at[tok0 + i, pl.ds(head0, seg)],
@@ -460,7 +445,7 @@ def _decode_call(
         v_free=plgpu.Barrier(num_barriers=stages),
     )
     if interpret:
-        scratch["p"] = plgpu.SMEM((wgs, M_TILE, block), dtype, transforms=tiles(block))
+        scratch["p"] = plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles(block))
     if write:
         scratch.update(
             k_row=plgpu.SMEM((tq, d), dtype),
@@ -469,18 +454,17 @@ def _decode_call(
         )
     if merge:
         scratch.update(
-            acc1=plgpu.SMEM((wgs - 1, M_TILE, d), jnp.float32),
-            ml1=plgpu.SMEM((wgs - 1, 2, M_TILE), jnp.float32),
+            acc1=plgpu.SMEM((M_TILE, d), jnp.float32),
+            ml1=plgpu.SMEM((2, M_TILE), jnp.float32),
             out=plgpu.SMEM((M_TILE, d), dtype),
-            merge_bar=plgpu.Barrier(num_arrivals=wgs - 1),
+            merge_bar=plgpu.Barrier(),
         )
     else:
         scratch.update(
-            o=plgpu.SMEM((wgs, M_TILE, d), jnp.float32),
-            lse=plgpu.SMEM((wgs, M_TILE), jnp.float32),
+            o=plgpu.SMEM((COMPUTE_WGS, M_TILE, d), jnp.float32),
+            lse=plgpu.SMEM((COMPUTE_WGS, M_TILE), jnp.float32),
         )
-    out_type = _out_type(batch, hkv, q_heads, d, dtype, tq, splits, wgs)
-    compute_registers = _compute_registers(wgs)
+    out_type = _out_type(batch, hkv, q_heads, d, dtype, tq, splits)
 
     def entry(*refs):
         pl.run_scoped(lambda **s: kernel(*refs, **s), collective_axes="wg", **scratch)
@@ -490,29 +474,20 @@ def _decode_call(
         out_type=out_type,
         grid=(splits, hkv, batch),
         grid_names=("split", "head", "batch"),
-        num_threads=wgs + 1,
+        num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(x, k_pages, v_pages, slots, block_tables, seq_lens)
 
 
-def _compute_registers(wgs: int) -> int:
-    """Registers per thread of a compute warpgroup. A CTA is launched with the same count for
-    every thread (64K per SM over its threads, in multiples of 8); `setmaxnreg` then moves them
-    from the memory warpgroup to the compute ones within that pool. Asking for more than the
-    pool holds never returns (the kernel hangs)."""
-    launch = 65536 // (128 * (wgs + 1)) // 8 * 8
-    return min(232, (launch * (wgs + 1) - MEMORY_WG_REGISTERS) // wgs // 8 * 8)
-
-
-def _out_type(batch, hkv, q_heads, d, dtype, query_tokens, splits, wgs):
+def _out_type(batch, hkv, q_heads, d, dtype, query_tokens, splits):
     """The kernel's outputs: the result rows with one split, else the normalized partials and
     their log-sum-exps. Bulk copies move 16-byte pieces: with 4k heads per group the log-sum-exps
     of just the group's rows are written, else all 64 rows of the tile (the wrapper picks them)."""
     if splits == 1:
         return jax.ShapeDtypeStruct((batch * query_tokens, q_heads, d), dtype)
-    parts, rows = wgs * splits, query_tokens * (q_heads // hkv)
+    parts, rows = COMPUTE_WGS * splits, query_tokens * (q_heads // hkv)
     lse_rows = rows if (q_heads // hkv) % 4 == 0 else M_TILE
     return (
         jax.ShapeDtypeStruct((batch, hkv, parts, rows, d), jnp.float32),
@@ -556,8 +531,10 @@ def _run(
     group = q_heads // hkv
     seg = segment_rows(group, hkv)
     cfg = choose_config(
-        batch, hkv, block_tables.shape[1], page_size, d, num_sms(), query_tokens, write, num_splits
+        batch, hkv, block_tables.shape[1], page_size, d, num_sms(), query_tokens, write
     )
+    if num_splits is not None:
+        cfg = dataclasses.replace(cfg, num_splits=num_splits)
     # Every KV head's run of `seg` query heads must lie inside the array, and TMA's tiled copies
     # want the heads a multiple of 8 (a copy in rare shapes).
     need = max(max((h * group) // 8 * 8 + seg for h in range(hkv)), -(-x.shape[1] // 8) * 8)
@@ -583,9 +560,7 @@ def _run(
                 ref[...] = value
 
         # The outputs ride along as refs too (dead zeros XLA drops): run_state returns refs only.
-        out_type = _out_type(
-            batch, hkv, q_heads, d, x.dtype, query_tokens, cfg.num_splits, cfg.compute_wgs
-        )
+        out_type = _out_type(batch, hkv, q_heads, d, x.dtype, query_tokens, cfg.num_splits)
         holder = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_type)
         k_pages, v_pages, out = pl.run_state(body)((k_pages, v_pages, holder))
     else:

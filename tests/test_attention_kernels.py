@@ -371,29 +371,11 @@ def test_prefill_kv_steps_agree_across_warpgroups(
 
 
 def test_decode_config_fills_the_gpu() -> None:
-    cases = [
-        (1, 8, 2048, 16, 128),
-        (32, 8, 256, 16, 128),
-        (1, 8, 2048, 16, 64),
-        (8, 8, 256, 16, 64),
-    ]
-    for batch, kv_heads, max_pages, page, d in cases:
+    for batch, kv_heads, max_pages, page, d in [(1, 8, 2048, 16, 128), (32, 8, 256, 16, 128)]:
         cfg = _mosaic_decode.choose_config(batch, kv_heads, max_pages, page, d, num_sms=132)
-        # Warpgroups at work: a CTA's compute warpgroups, over its splits and rows.
-        assert batch * kv_heads * cfg.num_splits * cfg.compute_wgs >= 0.9 * 132 * 2
-        assert cfg.stages >= cfg.compute_wgs and cfg.stages % cfg.compute_wgs == 0
+        assert batch * kv_heads * cfg.num_splits >= 0.9 * 132
+        assert cfg.stages >= 2 and cfg.stages % 2 == 0
         assert cfg.block_tokens % page == 0
-    for wgs in (2, 3, 4):
-        # setmaxnreg only moves registers within the CTA's launch pool: asking for more hangs.
-        launch = 65536 // (128 * (wgs + 1)) // 8 * 8
-        regs = _mosaic_decode._compute_registers(wgs)
-        assert wgs * regs + _mosaic_decode.MEMORY_WG_REGISTERS <= launch * (wgs + 1)
-        assert regs % 8 == 0 and regs >= 96
-    assert _mosaic_decode._compute_registers(2) == 232
-    # Four compute warpgroups where the accumulator is 64 wide: one split, no merge kernel, at
-    # 8 rows of Llama-3.2-1B's shape (two were needed with two warpgroups).
-    cfg = _mosaic_decode.choose_config(8, 8, 256, 16, 64, num_sms=132)
-    assert (cfg.compute_wgs, cfg.num_splits) == (4, 1)
 
 
 @pytest.mark.slow

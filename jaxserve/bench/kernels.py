@@ -181,17 +181,16 @@ def bench_decode(c: DecodeCase, dtype: jnp.dtype, iters: int, ceil: dict[str, fl
         "rotations": rot,
         "mosaic_us": 1e3 * ms / rot,
         "mosaic_kernels_us": {k: 1e3 * v / rot for k, v in per_kernel.items()},
+        "splits": _mosaic_decode.choose_config(
+            c.batch,
+            c.kv_heads,
+            x["tables"][0].shape[1],
+            c.page,
+            c.head_dim,
+            _mosaic_decode.num_sms(),
+            write=False,
+        ).num_splits,
     }
-    cfg = _mosaic_decode.choose_config(
-        c.batch,
-        c.kv_heads,
-        x["tables"][0].shape[1],
-        c.page,
-        c.head_dim,
-        _mosaic_decode.num_sms(),
-        write=False,
-    )
-    row.update(splits=cfg.num_splits, compute_wgs=cfg.compute_wgs)
     row["mosaic_tb_s"] = x["kv_bytes"] / (row["mosaic_us"] * 1e-6) / 1e12
     row["mosaic_frac_hbm"] = row["mosaic_tb_s"] / ceil["hbm_tb_s"]
     # The reference materializes the gathered cache in float32: skip it where that cannot fit.
