@@ -19,7 +19,9 @@ sampling on device and feeding its tokens to the next, so the host's per-call co
 transfer, launch, read-back, scheduling) is paid once per run instead of once per token. A run
 is dispatched and read back (`collect_run`) apart: a run planned while the one before it
 computes (`StepPlan.follows_run`) takes that run's last samples as its input tokens from a small
-device buffer every run leaves them in, so the host never waits between the two.
+device buffer every run leaves them in, so the host never waits between the two. A prefill step
+that completes prompts can leave its samples there too (`dispatch_step(into_carry=True)`), so the
+first run of those rows is dispatched before the step's tokens are read back.
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ from serving.scheduler import ScheduledSeq, StepPlan
 log = logging.getLogger(__name__)
 
 # The device calls an engine makes, numbered for `multihost.StepChannel` (0 is its STOP).
-_OP_COPY, _OP_DECODE, _OP_PREFILL, _OP_PREFILL_LOGPROBS, _OP_SAMPLE, _OP_DECODE_RUN = range(1, 7)
+(
+    _OP_COPY,
+    _OP_DECODE,
+    _OP_PREFILL,
+    _OP_PREFILL_LOGPROBS,
+    _OP_SAMPLE,
+    _OP_DECODE_RUN,
+    _OP_SAMPLE_INTO_CARRY,
+) = range(1, 8)
+_SAMPLERS = (_OP_SAMPLE, _OP_SAMPLE_INTO_CARRY)
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingBatch))
 _SAMPLE_FLAGS = ("all_greedy", "need_sort", "need_logprobs")
 
@@ -145,6 +156,29 @@ class StepResult:
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
     # request_id -> list of (position, {token: logprob}) for prompt positions computed this step
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Sampling:
+    """A dispatched sampling pass: the seq ids it samples, their specs, its device output (None
+    when it samples nothing) and whether its tokens also went to the run carry."""
+
+    seq_ids: list[int]
+    row_specs: list[RowSpec]
+    out: dict | None
+    into_carry: bool = False
+
+
+@dataclass
+class PendingStep:
+    """A dispatched plain step (`Engine.dispatch_step`), read back by `Engine.collect_step`."""
+
+    plan: StepPlan
+    samplings: list[_Sampling]
+    prompt_targets: dict[int, np.ndarray]
+    prompt_out: dict | None  # the prompt logprob arrays, when asked for
+    # Its samples are also the input tokens of a run that follows them (`dispatch_step`).
+    in_carry: bool
 
 
 @dataclass
@@ -250,6 +284,14 @@ def _decode_run(
     return outs, kv, sharding.constrain_replicated(carry.at[: last.shape[0]].set(last))
 
 
+def _sample_into_carry(sample_flags, logits, carry, src_rows, batch):
+    """`sample`, whose tokens also go to the front of `carry` (in sampled-row order), where the
+    multi-step run that follows them reads its input tokens (`_decode_run` with `follows`)."""
+    out = sample(logits, src_rows, batch, **sample_flags)
+    tokens = out["tokens"]
+    return out, sharding.constrain_replicated(carry.at[: tokens.shape[0]].set(tokens))
+
+
 def _copy_pages(kv, src, dst):
     return sharding.constrain_kv(
         [(k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv]
@@ -326,7 +368,9 @@ class Engine:
             else sharding.kv_sharding(self.model_config, mesh)
         )
         self._kv_shape, self._kv_sharding = shape, kv_device
-        # The last multi-step run's final samples, one per row of the largest decode bucket.
+        # The run carry: the input tokens of a run that follows the last run (its final samples)
+        # or a prefill step (its samples), one per row of the largest decode bucket; and the
+        # seq ids of those rows.
         self._carry_sharding = (
             kv_device
             if mesh is None
@@ -352,9 +396,10 @@ class Engine:
             self.backend,
             self.prefill_backend,
         )
-        # Compiles off the serving thread: warm-up's, several at once, and the multi-step decode
-        # variants first needed while serving (`decode_run_ready`). One per core: XLA's compiles
-        # are CPU-bound (cold Llama-3-8B warm-up on a 16-core host: 62 s with 8, 53 s with 16).
+        # Compiles off the serving thread: warm-up's, several at once, and, by key, the multi-step
+        # decode variants (`decode_run_ready`) and samplers into the run carry (`dispatch_step`)
+        # first needed while serving. One per core: XLA's compiles are CPU-bound (cold
+        # Llama-3-8B warm-up on a 16-core host: 62 s with 8, 53 s with 16).
         self._compiler = concurrent.futures.ThreadPoolExecutor(
             max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="jaxserve-compile"
         )
@@ -566,37 +611,62 @@ class Engine:
         return tokens, positions, slots, tables, seq_lens, cu, last_idx, targets
 
     # ---- the step -----------------------------------------------------------------------------
-    def execute(
+    def dispatch_step(
         self,
         plan: StepPlan,
         specs: dict[int, RowSpec],
         prompt_targets: dict[int, np.ndarray] | None = None,
-    ) -> StepResult:
-        """Run one scheduled step. `specs[seq_id]` describes each sampled row; `prompt_targets`
-        maps a prefill row's seq id to the next-token ids of its chunk when prompt logprobs are
-        wanted (row order in the chunk)."""
+        into_carry: bool = False,
+    ) -> PendingStep:
+        """Start one scheduled step: its page copies, its decode and prefill calls and the
+        sampling of their logits, none of it read back yet (`collect_step`). `specs[seq_id]`
+        describes each sampled row; `prompt_targets` maps a prefill row's seq id to the
+        next-token ids of its chunk when prompt logprobs are wanted (row order in the chunk).
+
+        `into_carry`: a multi-step run is to follow the step's samples before they are read back
+        (a plan that `follows_run` it, over the step's rows in their order). The samples then go
+        to the run's input buffer too, if the step is prefill rows only, each sampling its own
+        sequence, no more than a run has rows, and the sampler that does so is compiled for
+        them (if not, it starts compiling in the background); `PendingStep.in_carry` says
+        whether they did."""
         prompt_targets = prompt_targets or {}
         if plan.page_copies:
             self._copy(plan.page_copies)
-        result = StepResult()
         if len(plan.prefill) > self.cfg.max_prefill_seqs:
             raise ValueError(f"plan has {len(plan.prefill)} prefill rows > max_prefill_seqs")
-        pending = []
+        steps = []
         if plan.decode:
             self._run_decode(plan.decode)
-            pending.append((_OP_DECODE, plan.decode))
+            steps.append((_OP_DECODE, plan.decode))
         prompt_out = None
         if plan.prefill:
             prompt_out = self._run_prefill(plan.prefill, prompt_targets)
-            pending.append((_OP_PREFILL, plan.prefill))
-        samples = [self._sample(source, rows, specs) for source, rows in pending]
-        for rows_out in samples:
-            for sid, (tok, lp_map) in rows_out.items():
+            steps.append((_OP_PREFILL, plan.prefill))
+        into_carry = (
+            into_carry
+            and self.cfg.decode_steps > 1
+            and not plan.decode
+            and 0 < len(plan.prefill) <= self.cfg.max_num_seqs
+            and all(r.sample_seq_ids == [r.seq_id] for r in plan.prefill)
+        )
+        samplings = [self._dispatch_sample(src, rows, specs, into_carry) for src, rows in steps]
+        in_carry = any(s.into_carry for s in samplings)
+        if in_carry:
+            self._last_run_rows = [r.seq_id for r in plan.prefill]
+        return PendingStep(plan, samplings, prompt_targets, prompt_out, in_carry)
+
+    def collect_step(self, pending: PendingStep) -> StepResult:
+        """Wait for a dispatched step and return its samples (and logprobs, prompt logprobs)."""
+        result = StepResult()
+        for sampling in pending.samplings:
+            for sid, (tok, lp_map) in self._read_sample(sampling).items():
                 result.tokens[sid] = tok
                 if lp_map is not None:
                     result.logprobs[sid] = lp_map
-        if prompt_out is not None:
-            self._collect_prompt_logprobs(plan.prefill, prompt_targets, prompt_out, result)
+        if pending.prompt_out is not None:
+            self._collect_prompt_logprobs(
+                pending.plan.prefill, pending.prompt_targets, pending.prompt_out, result
+            )
         return result
 
     def dispatch_run(
@@ -666,12 +736,29 @@ class Engine:
     def _run_compile(self, key: tuple) -> concurrent.futures.Future:
         """The compilation of multi-step decode variant `key` (batch bucket, page bucket,
         *sampler flags), started on the compile threads if it was not yet."""
+        return self._compile_in_background((_OP_DECODE_RUN, *key), self._compile_run, *key)
+
+    def _carry_sampler(
+        self, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]
+    ) -> concurrent.futures.Future:
+        """The compilation of the sampler that leaves its tokens in the run carry, for these
+        inputs (`_sample_arrays`) and flags (the logits' source step first), started on the
+        compile threads if it was not yet. The last step's logits of that source give their
+        shape."""
+        logits = self._logits[flags[0]]
+        aval = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=logits.sharding)
+        key = (_OP_SAMPLE_INTO_CARRY, flags, *(a.shape for a in arrays))
+        return self._compile_in_background(
+            key, self._compile, _OP_SAMPLE_INTO_CARRY, arrays, flags, aval
+        )
+
+    def _compile_in_background(self, key: tuple, compile_fn, *args) -> concurrent.futures.Future:
+        """`compile_fn(*args)`, which compiles the device-call variant `key` (op first), started
+        on the compile threads if it was not yet."""
         with self._run_compiles_lock:
             if key not in self._run_compiles:
-                future = self._compiler.submit(self._compile_run, *key)
-                future.add_done_callback(
-                    functools.partial(_log_compile_failure, (_OP_DECODE_RUN, *key))
-                )
+                future = self._compiler.submit(compile_fn, *args)
+                future.add_done_callback(functools.partial(_log_compile_failure, key))
                 self._run_compiles[key] = future
             return self._run_compiles[key]
 
@@ -686,21 +773,43 @@ class Engine:
 
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
         """Sample the rows of the last `source` (_OP_DECODE / _OP_PREFILL) step's logits."""
+        return self._read_sample(self._dispatch_sample(source, rows, specs))
+
+    def _dispatch_sample(
+        self,
+        source: int,
+        rows: list[ScheduledSeq],
+        specs: dict[int, RowSpec],
+        into_carry: bool = False,
+    ) -> _Sampling:
+        """Start sampling the rows of the last `source` step's logits; `into_carry`: leave the
+        tokens in the run carry as well, in the order sampled, if that sampler is compiled."""
         src, sids = [], []
         for i, r in enumerate(rows):
             for sid in r.sample_seq_ids:
                 src.append(i)
                 sids.append(sid)
         if not sids:
-            return {}
+            return _Sampling([], [], None)
         row_specs = [specs[s] for s in sids]
         arrays, flags = self._sample_arrays(src, row_specs)
-        out = jax.device_get(self._device(_OP_SAMPLE, arrays, (source, *flags)))
+        flags = (source, *flags)
+        if into_carry:
+            future = self._carry_sampler(arrays, flags)
+            into_carry = future.done() and future.exception() is None
+        op = _OP_SAMPLE_INTO_CARRY if into_carry else _OP_SAMPLE
+        return _Sampling(sids, row_specs, self._device(op, arrays, flags), into_carry)
+
+    def _read_sample(self, sampling: _Sampling) -> dict[int, tuple[int, dict | None]]:
+        """Wait for a sampling pass: each seq id's token and, when wanted, its logprobs."""
+        if sampling.out is None:
+            return {}
+        out = jax.device_get(sampling.out)
         res = {}
-        for i, sid in enumerate(sids):
+        for i, sid in enumerate(sampling.seq_ids):
             tok = int(out["tokens"][i])
             lp_map = None
-            if row_specs[i].want_logprobs:
+            if sampling.row_specs[i].want_logprobs:
                 lp_map = _logprob_map(
                     tok, out["logprob"][i], out["top_ids"][i], out["top_logprobs"][i]
                 )
@@ -763,6 +872,9 @@ class Engine:
                 return None
             if op == _OP_SAMPLE:
                 return self._readable(exe(*args))
+            if op == _OP_SAMPLE_INTO_CARRY:
+                out, self._carry = exe(*args)
+                return self._readable(out)
             if op == _OP_DECODE_RUN:
                 out, self.kv, self._carry = exe(*args)
                 return self._readable(out)
@@ -785,11 +897,11 @@ class Engine:
         """The compiled device call for these argument shapes (compiled, or loaded from the
         executable store, on first use) and its arguments. `kv` is the cache, or its shapes
         (`_kv_shapes`) to compile a call without running it; likewise `logits` for the sampler
-        (default: the last step's) and a run's `carry` (default: the engine's)."""
-        if op == _OP_SAMPLE and logits is None:
+        (default: the last step's) and the run `carry` (default: the engine's)."""
+        if op in _SAMPLERS and logits is None:
             logits = self._logits[flags[0]]
         key = (op, flags, *((a.shape, a.dtype.char) for a in arrays))
-        if op == _OP_SAMPLE:
+        if op in _SAMPLERS:
             key += (logits.shape,)
         carry = self._carry if carry is None else carry
         fn, donate, device_args, host_args = self._call(op, arrays, flags, kv, logits, carry)
@@ -804,13 +916,16 @@ class Engine:
         self, op: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...], kv, logits, carry
     ):
         """The function of a device call with its static parts bound, the indices of the
-        arguments it donates (the KV cache, a run's carry), its device arguments and then its
+        arguments it donates (the KV cache, the run carry), its device arguments and then its
         host ones."""
         if op == _OP_COPY:
             return _copy_pages, (0,), (kv,), arrays
-        if op == _OP_SAMPLE:
-            fn = functools.partial(sample, **_flag_kwargs(flags[1:]))
-            return fn, (), (logits,), (arrays[0], _batch_of(arrays[1:]))
+        if op in _SAMPLERS:
+            host = (arrays[0], _batch_of(arrays[1:]))
+            if op == _OP_SAMPLE:
+                return functools.partial(sample, **_flag_kwargs(flags[1:])), (), (logits,), host
+            fn = functools.partial(_sample_into_carry, _flag_kwargs(flags[1:]))
+            return fn, (1,), (logits, carry), host
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, follows, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
@@ -879,7 +994,8 @@ class Engine:
     # ---- warm-up ------------------------------------------------------------------------------
     def warmup(self, background: bool = False) -> float:
         """Compile every reachable (bucket, pages) shape of both steps, the greedy sampler and the
-        greedy multi-step decode of every batch bucket, several at once on the compile threads,
+        greedy multi-step decode of every batch bucket, and the greedy sampler that chains a
+        prefill's first run (`_warm_carry_samplers`), several at once on the compile threads,
         and run each step once. Returns the seconds it took.
 
         `background`: return once the largest decode and prefill shapes are compiled and run
@@ -916,6 +1032,9 @@ class Engine:
                     self._sample(_OP_DECODE, sub, {row.seq_id: RowSpec(0.0) for row in rows})
             else:
                 self._warm_prefill_sampler()
+        for future in self._warm_carry_samplers():
+            if not background:
+                future.result()
         jax.block_until_ready(self.kv)
         if rest:
             for op, key, _ in first:
@@ -994,6 +1113,20 @@ class Engine:
             row = _dummy_row(0, [0], [0])
             row = dataclasses.replace(row, sample_seq_ids=list(range(r)))
             self._sample(_OP_PREFILL, [row], {i: RowSpec(0.0) for i in range(r)})
+
+    def _warm_carry_samplers(self) -> list[concurrent.futures.Future]:
+        """When prefill steps chain their rows' first run (multi-step runs with asynchronous
+        scheduling, `dispatch_step(into_carry=True)`): start compiling the greedy sampler into
+        the run carry for every number of rows a prefill that completes only prompts samples,
+        on the last prefill's logits; returns the compilations."""
+        if self.cfg.decode_steps < 2 or not self.cfg.async_scheduling:
+            return []
+        top = pick(self._sample_buckets, min(self.cfg.max_prefill_seqs, self.cfg.max_num_seqs))
+        futures = []
+        for r in (b for b in self._sample_buckets if b <= top):
+            arrays, flags = self._sample_arrays(list(range(r)), [RowSpec(0.0)] * r)
+            futures.append(self._carry_sampler(arrays, (_OP_PREFILL, *flags)))
+        return futures
 
     @property
     def _sample_buckets(self) -> tuple[int, ...]:

@@ -8,9 +8,11 @@ offline `LLM` loop or the server's engine loop).
 
 Asynchronous scheduling (`EngineConfig.async_scheduling`): while every sequence keeps decoding in
 multi-step runs, a step dispatches the next run before it reads back the one in flight, so the
-device computes while the host applies tokens, streams text and plans. A sequence that stops
-(a stop token or string) computes one run past its end, which is dropped; a request that arrives
-meanwhile is admitted one run later.
+device computes while the host applies tokens, streams text and plans. Likewise a step that
+completes the prompt of every running sequence dispatches their first run before it reads back
+their first tokens (the run is chained onto the prefill). A sequence that stops (a stop token or
+string) computes one run past its end, which is dropped; a request that arrives meanwhile is
+admitted one run later.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import gc
 import itertools
 import logging
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,7 +340,13 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = self.scheduler.num_cached_tokens(row.request_id)
-        result = self.engine.execute(plan, specs, targets)
+        kinds = self._chain_kinds(plan, targets)
+        pending = self.engine.dispatch_step(plan, specs, targets, into_carry=kinds is not None)
+        if pending.in_carry:
+            # The rows' first run computes while the host reads their first tokens back and
+            # applies them; the next step collects it.
+            self._inflight = self._dispatch_next_run(plan, kinds)
+        result = self.engine.collect_step(pending)
         updates = self.scheduler.update(plan, result.tokens)
         for rid, entries in result.prompt_logprobs.items():
             req = self._requests.get(rid)
@@ -360,8 +369,9 @@ class LLMEngine:
     def _dispatch_next_run(
         self, prev: StepPlan, kinds: list[RowSpec]
     ) -> tuple[PendingRun, list[RowSpec]] | None:
-        """Dispatches the run after `prev` (in flight) if the scheduler can plan it before
-        `prev`'s tokens are known (`Scheduler.schedule_next_run`)."""
+        """Dispatches the run after `prev` (a run, or a step completing prompts, in flight) if
+        the scheduler can plan it before `prev`'s tokens are known
+        (`Scheduler.schedule_next_run`)."""
         steps = self.engine.cfg.decode_steps
         plan = self.scheduler.schedule_next_run(
             steps, lambda rows, context: self.engine.decode_run_ready(rows, context, kinds)
@@ -376,8 +386,7 @@ class LLMEngine:
         return self._flush(self._apply_updates(updates, logprobs).values())
 
     def _schedule_run(self) -> tuple[StepPlan | None, list[RowSpec]]:
-        """A multi-step decode plan when every request allows one (no beam search, penalties or
-        `min_tokens` still masking stop ids, which change from token to token) and the engine
+        """A multi-step decode plan when every request allows one (`_run_kinds`) and the engine
         has the run compiled for requests sampled like these (returned with it); else None."""
         if self.engine.cfg.decode_steps < 2 or not self._requests:
             return None, []
@@ -386,26 +395,57 @@ class LLMEngine:
         def ready(rows: int, context: int) -> bool:
             # Asked only once the scheduler's own conditions hold: the per-request walk stays
             # off the steps that could never be runs.
-            for req in self._requests.values():
-                p = req.params
-                if (
-                    p.use_beam_search
-                    or p.uses_penalties
-                    or any(len(s.token_ids) < p.min_tokens for s in req.samples)
-                ):
-                    return False
-                kinds.append(
-                    RowSpec(
-                        temperature=p.temperature,
-                        top_k=p.top_k,
-                        top_p=p.top_p,
-                        want_logprobs=p.logprobs is not None,
-                    )
-                )
+            found = self._run_kinds()
+            if found is None:
+                return False
+            kinds.extend(found)
             return self.engine.decode_run_ready(rows, context, kinds)
 
         plan = self.scheduler.schedule_decode_run(self.engine.cfg.decode_steps, ready)
         return plan, kinds
+
+    def _chain_kinds(self, plan: StepPlan, targets: dict[int, np.ndarray]) -> list[RowSpec] | None:
+        """The sampling kinds of a first run to chain onto step `plan` (`_step`), when
+        asynchronous scheduling runs ahead and the step only completes prompts, each sampling
+        one sequence, with no prompt logprobs wanted, and every request allows a run once these
+        have their first token; else None. Whether the rows are all that runs, have tokens to
+        go, and the pages and compiled variants allow it is the scheduler's and the engine's
+        to say."""
+        cfg = self.engine.cfg
+        if (
+            cfg.decode_steps < 2
+            or not cfg.async_scheduling
+            or plan.decode
+            or targets
+            or any(row.sample_seq_ids != [row.seq_id] for row in plan.prefill)
+        ):
+            return None
+        return self._run_kinds({row.request_id for row in plan.prefill})
+
+    def _run_kinds(self, sampling: Container[str] = ()) -> list[RowSpec] | None:
+        """Each request's sampling kind, for a multi-step run over them all, or None when one
+        of them rules runs out: beam search, penalties, or `min_tokens` still masking stop ids
+        (these change the sampling from token to token). The requests in `sampling` count the
+        token they are sampling now."""
+        kinds = []
+        for req in self._requests.values():
+            p = req.params
+            extra = req.request_id in sampling
+            if (
+                p.use_beam_search
+                or p.uses_penalties
+                or any(len(s.token_ids) + extra < p.min_tokens for s in req.samples)
+            ):
+                return None
+            kinds.append(
+                RowSpec(
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    want_logprobs=p.logprobs is not None,
+                )
+            )
+        return kinds
 
     def _apply_updates(
         self, updates: list[SeqUpdate], logprobs: list[dict[int, float] | None]
@@ -522,7 +562,7 @@ class LLMEngine:
                 index = base_index + k
                 s = req.samples[index]
                 banned: tuple[int, ...] = ()
-                if len(s.token_ids) < p.min_tokens:
+                if len(s.token_ids) + ahead < p.min_tokens:
                     eos = () if p.ignore_eos else tuple(self._eos_ids())
                     banned = eos + tuple(p.stop_token_ids)
                 specs[sid] = RowSpec(

@@ -25,13 +25,15 @@ order and applies the finish rules after each, dropping what a sequence sampled 
 While a run computes, `schedule_next_run` may plan the one after it on the assumption that no
 sequence stops: the engine feeds that run the first one's last samples on device, so the host
 schedules while the device computes. A sequence that does stop in the first run wastes its rows
-of the second, whose `update_run` skips it.
+of the second, whose `update_run` skips it. A step that completes the prompt of every running
+sequence (each sampling one token) may be followed the same way by their first run.
 
 Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
-alternate, except that one `schedule_next_run` plan may follow a run before its update; plans are
-updated in the order they were made. `update` must see every non-empty plan
-(with `{}` when it samples nothing). `add_request`, `abort_request` and `finish_seq` may be called
-at any point in between; the beam primitives after `update`, before the next `schedule()`.
+alternate, except that one `schedule_next_run` plan may follow a run, or a step completing
+prompts, before its update; plans are updated in the order they were made. `update` must see
+every non-empty plan (with `{}` when it samples nothing). `add_request`, `abort_request` and
+`finish_seq` may be called at any point in between; the beam primitives after `update`, before
+the next `schedule()`.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ class StepPlan:
     # Decode iterations the device runs (> 1 only for a `schedule_decode_run` plan); each row
     # keeps the tokens of its own `num_steps` and drops the rest.
     num_steps: int = 1
-    # A `schedule_next_run` plan: the same rows as the run before it, whose last samples (on the
-    # device, not yet known here) are its input tokens; `token_ids` then hold -1.
+    # A `schedule_next_run` plan: the same rows as the run (or prompt-completing step) before
+    # it, whose last samples (on the device, not yet known here) are its input tokens;
+    # `token_ids` then hold -1.
     follows_run: bool = False
 
     @property
@@ -446,7 +449,9 @@ class Scheduler:
             for row in (*plan.decode, *plan.prefill):
                 seq = self._seqs.get(row.seq_id)
                 if seq is not None:
-                    self._register_full_pages(seq, seq.num_computed)
+                    # The K/V this plan wrote; a run planned ahead of this update (its sampled
+                    # token not known yet) has advanced `num_computed` past it already.
+                    self._register_full_pages(seq, row.start_pos + len(row.token_ids))
         updates = []
         for seq in targets:
             if seq.request.beam_width:
@@ -493,32 +498,38 @@ class Scheduler:
     def schedule_next_run(
         self, num_steps: int, ready: Callable[[int, int], bool] | None = None
     ) -> StepPlan | None:
-        """While the run just planned is computing (not yet updated), plans the next run of the
-        same rows on the assumption that none stops in it (no stop token, no stop string): the
-        rows start where that run ends and take, as there, the steps their length limits leave,
-        at most `num_steps`. The plan `follows_run`: its input tokens are that run's last
-        samples, which the engine keeps on the device. Returns None, and the caller updates the
-        run and schedules as usual, unless every row of the run takes all `num_steps` steps and
-        still has a token to go after it, the rows are still exactly the running sequences, no
-        waiting sequence has a batch slot to take, and the pages (and `ready`) allow the run."""
+        """While the plan just made computes (not yet updated), plans the next run of its rows
+        on the assumption that none stops in it (no stop token, no stop string). That plan is a
+        run every row of which takes all `num_steps` steps, or a step that completes the prompt
+        of every running sequence, each sampling one token (no fork, no beam). The rows start
+        where it ends and take, as in any run, the steps their length limits leave, at most
+        `num_steps`. The new plan `follows_run`: its input tokens are the last samples of the
+        plan before it, which the engine keeps on the device. Returns None, and the caller
+        updates that plan and schedules as usual, unless it is such a plan, every row still has
+        a token to go after it, its rows are still exactly the running sequences, no waiting
+        sequence has a batch slot to take, and the pages (and `ready`) allow the run."""
         if len(self._pending) != 1:
             return None
         prev = self._pending[0]
-        if (
-            prev.num_steps != num_steps
-            or prev.prefill
-            or len(prev.decode) != len(self._running)
-            or self._admissible()
-        ):
+        # The tokens each row gets from `prev`: a run's every step, or a prefill's one sample.
+        if prev.prefill:
+            rows, ahead = prev.prefill, 1
+            if prev.decode or any(row.sample_seq_ids != [row.seq_id] for row in rows):
+                return None
+        elif prev.num_steps == num_steps:
+            rows, ahead = prev.decode, num_steps
+        else:
+            return None
+        if len(rows) != len(self._running) or self._admissible():
             return None
         steps: list[int] = []
-        for seq, row in zip(self._running, prev.decode, strict=True):
-            if seq.seq_id != row.seq_id or row.num_steps != num_steps:
+        for seq, row in zip(self._running, rows, strict=True):
+            if seq.seq_id != row.seq_id or row.num_steps != ahead or seq.request.beam_width:
                 return None
-            # Its output and length once the pending run's tokens are in.
+            # Its output and length once `prev`'s tokens are in.
             left = min(
-                seq.request.max_tokens - seq.num_output_tokens - num_steps,
-                self.max_model_len - len(seq.token_ids) - num_steps,
+                seq.request.max_tokens - seq.num_output_tokens - ahead,
+                self.max_model_len - len(seq.token_ids) - ahead,
             )
             if left < 1:
                 return None

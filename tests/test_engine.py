@@ -10,6 +10,7 @@ from jaxserve.engine import EngineConfig, geometric_upto
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
 from jaxserve.sampling_params import SamplingParams
+from tests.conftest import FIXTURES
 from tests.utils import full_forward
 
 
@@ -210,6 +211,23 @@ def count_compilations():
     return compiled
 
 
+def count_chained(llm: LLM) -> list[bool]:
+    """A list that gets, for every step from now on that completes prompts and leaves their
+    samples on device, whether their first run was chained onto it (dispatched before the
+    samples are read back)."""
+    engine = llm.engine
+    dispatch_next, chained = engine._dispatch_next_run, []
+
+    def spy(prev, kinds):
+        inflight = dispatch_next(prev, kinds)
+        if prev.prefill:
+            chained.append(inflight is not None)
+        return inflight
+
+    engine._dispatch_next_run = spy
+    return chained
+
+
 def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
     model = tiny_model()
     llm = make_llm(
@@ -219,8 +237,10 @@ def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_m
     compiled = count_compilations()
     prompts = random_prompts(model.cfg.vocab_size, [3, 9, 14, 5, 11, 2, 7], seed=9)
     llm.generate(prompts, ids_params(temperature=0.0, max_tokens=12))
+    chained = count_chained(llm)
+    llm.generate(prompts[:2], ids_params(temperature=0.0, max_tokens=12))
     assert compiled == []
-    assert llm.engine.stats()["decode_runs_total"] > 0
+    assert llm.engine.stats()["decode_runs_total"] > 0 and chained == [True]
 
 
 def test_background_warmup_serves_from_the_largest_shapes_until_the_rest_compile(tiny_model):
@@ -354,6 +374,129 @@ def test_a_request_aborted_while_its_run_is_in_flight_leaves_the_others_whole(ti
             assert engine._inflight is not None  # the run after the one just read back
             engine.abort_request("x")
     assert 0 < len(tokens["x"]) < 40 and tokens["y"] == alone
+    assert engine.stats()["kv_used_tokens"] == 0
+
+
+def warmed_llm(model, prompts, params, **overrides) -> LLM:
+    """An LLM with runs of 4 that has compiled, in the background, everything this batch needs."""
+    llm = make_llm(model, decode_steps=4, **overrides)
+    llm.generate(prompts, params)
+    llm.engine.engine.finish_compiles()
+    return llm
+
+
+@pytest.mark.parametrize("case", ["greedy", "seeded", "batch"])
+def test_a_first_run_chained_onto_the_prefill_gives_the_outputs_of_steps_read_back_first(
+    tiny_model, case
+):
+    """The prefill that completes every prompt leaves its samples on device, and the rows'
+    first run is dispatched before they are read back: greedy and seeded top-p sampling with
+    logprobs, `min_tokens` 1 (a stop id masked for the first token only), prompts of different
+    lengths and outputs that are not whole runs give the tokens, logprobs and finish reasons
+    of runs dispatched after the read-back (asynchronous scheduling off) and of single steps."""
+    model = tiny_model()
+    greedy = ids_params(temperature=0.0, max_tokens=11, logprobs=2)
+    seeded = ids_params(temperature=0.8, top_p=0.9, seed=3, max_tokens=10, logprobs=1)
+    prompts = random_prompts(model.cfg.vocab_size, [7, 16, 9], seed=17)  # one prefill step
+    first = make_llm(model).generate([prompts[2]], ids_params(temperature=0.0, max_tokens=1))
+    held = ids_params(
+        temperature=0.0,
+        max_tokens=13,
+        min_tokens=1,
+        stop_token_ids=[first[0].outputs[0].token_ids[0]],
+    )
+    prompts, params = {
+        "greedy": ([prompts[0]], [greedy]),
+        "seeded": ([prompts[1]], [seeded]),
+        "batch": (prompts, [greedy, seeded, held]),
+    }[case]
+    single = make_llm(model).generate(prompts, params)
+    after = warmed_llm(model, prompts, params, async_scheduling=False)
+    chained_llm = warmed_llm(model, prompts, params)
+    not_chained, chained = count_chained(after), count_chained(chained_llm)
+    read_back_first = after.generate(prompts, params)
+    got = chained_llm.generate(prompts, params)
+    assert chained[:1] == [True] and not_chained == []
+    assert chained_llm.engine.stats()["kv_used_tokens"] == 0
+    assert_same_completions(single, got)
+    assert_same_completions(read_back_first, got)
+
+
+def test_requests_whose_first_token_ends_them_leave_the_chained_run_to_the_others(tiny_model):
+    """A stop token or a stop string that the first token completes ends its request at the
+    prefill, as without chaining; the chained run's rows for it are dropped and the other
+    requests go on whole. A request with `max_tokens` 1 is known to end there, so its batch
+    chains no run, and finishes the same."""
+    from jaxserve.tokenizer import Tokenizer
+
+    model = tiny_model()
+    tokenizer = Tokenizer.from_dir(FIXTURES / "tokenizers" / "spm_tiny")
+    prompts = random_prompts(model.cfg.vocab_size, [6, 13, 9], seed=5)
+
+    def llm(**overrides) -> LLM:
+        cfg = dict(page_size=4, num_pages=96, max_num_seqs=8, max_num_batched_tokens=32)
+        cfg |= dict(max_prefill_seqs=4, max_model_len=128, attention_backend="reference")
+        return LLM.from_engine(LLMEngine(model, tokenizer, EngineConfig(**cfg | overrides)))
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    (one,) = llm().generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=1))
+    first_text = one.outputs[0].text
+    assert first_text  # this prompt's first token has text
+    (two,) = llm().generate([prompts[1]], SamplingParams(temperature=0.0, max_tokens=1))
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[first_text]),
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=10,
+            ignore_eos=True,
+            stop_token_ids=[two.outputs[0].token_ids[0]],
+        ),
+        greedy,
+    ]
+    results = []
+    for batch in (params, [greedy, SamplingParams(temperature=0.0, max_tokens=1), greedy]):
+        expected = llm().generate(prompts, batch)
+        chained_llm = llm(decode_steps=4)
+        chained_llm.generate(prompts, greedy)  # compiles the runs of three rows
+        chained_llm.engine.engine.finish_compiles()
+        chained = count_chained(chained_llm)
+        got = chained_llm.generate(prompts, batch)
+        assert chained == [batch is params]
+        assert_same_completions(expected, got)
+        assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+        assert chained_llm.engine.stats()["kv_used_tokens"] == 0
+        results.append([o.outputs[0] for o in got])
+    by_text, by_id, whole = results[0]
+    assert by_text.token_ids == one.outputs[0].token_ids and by_text.text == ""
+    assert (by_text.finish_reason, by_text.stop_reason) == ("stop", first_text)
+    assert by_id.token_ids == two.outputs[0].token_ids
+    assert (by_id.finish_reason, by_id.stop_reason) == ("stop", two.outputs[0].token_ids[0])
+    assert len(whole.token_ids) == 10
+    assert [len(c.token_ids) for c in results[1]] == [10, 1, 10]
+
+
+def test_a_request_that_arrives_while_the_chained_run_computes_is_admitted_after_it(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [7, 11], seed=19)
+    params = ids_params(temperature=0.0, max_tokens=14)
+    alone = [make_llm(model).generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    llm = warmed_llm(model, [prompts[0]], params)
+    llm.generate(prompts, params)  # the runs of two rows
+    llm.engine.engine.finish_compiles()
+    chained = count_chained(llm)
+    engine = llm.engine
+    engine.add_request("x", prompts[0], params)
+    (out,) = engine.step()  # the prefill, with the first run chained
+    assert chained == [True]
+    tokens = {"x": out.outputs[0].token_ids, "y": []}
+    engine.add_request("y", prompts[1], params)
+    (out,) = engine.step()  # the chained run read back; "y" waits for it
+    assert out.request_id == "x" and len(out.outputs[0].token_ids) == 4
+    tokens["x"] += out.outputs[0].token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].token_ids
+    assert [tokens["x"], tokens["y"]] == alone
     assert engine.stats()["kv_used_tokens"] == 0
 
 

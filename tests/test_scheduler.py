@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -59,8 +60,9 @@ class Harness:
     ) -> None:
         self.sched = Scheduler(**config)
         self.decode_steps = decode_steps  # > 1: try a multi-step run before every plain step
-        # With runs: plan (and compute) the next run before updating each one, as the engine's
-        # asynchronous scheduling does; the run so planned and its samples wait here.
+        # With runs: plan (and compute) the next run before updating each run, or each step that
+        # completes prompts, as the engine's asynchronous scheduling does; the run so planned
+        # and its samples wait here.
         self.ahead = ahead
         self.next_run: tuple[StepPlan, dict[int, list[int]]] | None = None
         bm = self.sched.block_manager
@@ -170,8 +172,8 @@ class Harness:
     ) -> dict[int, list[int]]:
         """A multi-step run as the device does it: each row writes its last token, samples from
         the context read back, and feeds the sample in at the next position, `num_steps` times.
-        A run that `follows_run` continues from `prev`, the samples of the run before it, which
-        are not applied yet."""
+        A run that `follows_run` continues from `prev`, the samples of the run (or the step
+        completing prompts) before it, which are not applied yet."""
         assert not plan.prefill and plan.num_steps > 1
         assert plan.follows_run == (prev is not None)
         for src, dst in plan.page_copies:
@@ -181,7 +183,7 @@ class Harness:
             assert 1 <= row.num_steps <= plan.num_steps and row.sample_seq_ids == [row.seq_id]
             tokens = list(self.tokens(row.seq_id))
             if prev is not None:
-                assert row.token_ids == [-1] and len(prev[row.seq_id]) == self.decode_steps
+                assert row.token_ids == [-1] and len(prev[row.seq_id]) in (1, self.decode_steps)
                 tokens += prev[row.seq_id]
             else:
                 assert row.token_ids == tokens[-1:]
@@ -223,6 +225,9 @@ class Harness:
             assert plan.num_tokens <= self.sched.max_num_batched_tokens
             assert len(plan.prefill) <= self.sched.max_prefill_seqs
             sampled = self.execute(plan)
+            if self.ahead and (nxt := self.sched.schedule_next_run(self.decode_steps)):
+                chained = {sid: [token] for sid, token in sampled.items()}
+                self.next_run = nxt, self.execute_run(nxt, prev=chained)
             if between is not None:
                 between()
             updates = self.sched.update(plan, sampled)
@@ -1150,6 +1155,10 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         ("beam search", h.beam_results),
         ("multi-step run", any(p.num_steps > 1 for p in h.plans)),
         ("run planned ahead", any(p.follows_run for p in h.plans)),
+        (
+            "run chained onto prompts",
+            any(p.prefill and q.follows_run for p, q in pairwise(h.plans)),
+        ),
     ]:
         event(f"{name}: {bool(hit)}")
     for rid in added:
@@ -1322,6 +1331,48 @@ def test_a_sequence_that_stops_in_a_run_wastes_only_the_run_planned_after_it():
     assert any(
         p.follows_run and len(p.decode) == 2 and p.decode[1].start_pos > 9 + k for p in ahead.plans
     )
+
+
+def test_the_first_run_is_chained_onto_the_step_that_completes_every_prompt():
+    """When one step completes the prompt of every running sequence, each sampling one token,
+    `schedule_next_run` plans their first run before that step's update, each row one token
+    past its prompt. A row whose first token ends it is skipped by the run's update and its
+    pages freed; the other rows get the outputs of single steps."""
+    single = Harness(**config())
+    single.add("a", prompt(5, 1), max_tokens=14)
+    single.add("b", prompt(7, 2), max_tokens=9)
+    single.run()
+    ((b_first, *_),) = single.outputs_of("b").values()
+    h = Harness(decode_steps=4, ahead=True, **config())
+    h.add("a", prompt(5, 1), max_tokens=14)
+    h.add("b", prompt(7, 2), max_tokens=9, eos_token_ids={b_first})
+    plan, updates = h.step()
+    assert [r.request_id for r in plan.prefill] == ["a", "b"] and not plan.decode
+    nxt, _ = h.next_run
+    assert nxt.follows_run and nxt.num_steps == 4
+    rows = [(r.token_ids, r.start_pos, r.num_steps) for r in nxt.decode]
+    assert rows == [([-1], 5, 4), ([-1], 7, 4)]
+    assert [u.finish_reason for u in updates] == [None, "stop"]
+    assert not h.sched.is_live(nxt.decode[1].seq_id)
+    h.run()
+    assert h.outputs_of("a") == single.outputs_of("a")
+    assert h.outputs_of("b") == {0: [b_first]}
+
+    def chained(*requests: dict, **overrides: int) -> bool:
+        """Whether the step that completes these requests' prompts chains a run."""
+        h = Harness(decode_steps=4, ahead=True, **config(**overrides))
+        for i, kw in enumerate(requests):
+            h.add(f"r{i}", prompt(10, i), **{"max_tokens": 9} | kw)
+        while not h.sched._running or h.sched._running[-1].is_prefilling:
+            h.step()
+        return h.next_run is not None
+
+    assert chained({}, {})
+    assert chained({}, max_num_batched_tokens=8)  # the step completing a chunked prompt
+    assert not chained({}, {"n": 2})  # a fork
+    assert not chained({}, {"max_tokens": 1})  # its first token surely ends it
+    assert not chained({}, {}, max_prefill_seqs=1)  # the second waits with a slot to take
+    assert chained({}, {}, max_num_seqs=1)  # ... without one, it waits for the runs to end
 
 
 def test_runs_go_on_while_requests_wait_for_a_batch_slot():

@@ -13,7 +13,6 @@ from jaxserve.checkpoint import load_model
 from jaxserve.engine import EngineConfig
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
-from jaxserve.sampling import RowSpec
 from jaxserve.tokenizer import Tokenizer
 from serving.client import AsyncClient, Client
 from tests.fake_engine import running_server
@@ -22,8 +21,9 @@ PROMPTS = ["The sky is", "List three colors:", "def fibonacci(n):"]
 
 
 def small_engine(path) -> LLMEngine:
-    """Decodes in multi-step runs of 4, each planned while the one before it computes, as on a
-    GPU: the greedy run is compiled up front."""
+    """Decodes in multi-step runs of 4, each planned while the plan before it computes (the
+    first chained onto the prefill), as on a GPU: the greedy steps, runs and samplers are
+    compiled up front (`warmup`)."""
     model, _ = load_model(path, dtype="float32")
     cfg = EngineConfig(
         page_size=16,
@@ -39,8 +39,7 @@ def small_engine(path) -> LLMEngine:
         decode_steps=4,
     )
     engine = LLMEngine(model, Tokenizer.from_dir(path), cfg, model_name="smollm2")
-    engine.engine.decode_run_ready(4, 128, [RowSpec(temperature=0.0)])
-    engine.engine.finish_compiles()
+    engine.warmup()
     return engine
 
 

@@ -324,24 +324,25 @@ def _parity(item: str) -> None:
 
 def _llm(model_dir: str) -> None:
     """`LLM(..., tensor_parallel_size=2)` end to end, from the model directory, decoding in
-    multi-step runs each planned while the one before it computes (the run's device-side input
-    tokens sharded like everything else): the tokens of single steps on one device."""
+    multi-step runs each planned while the plan before it computes, the first one chained onto
+    the prefill (the run's device-side input tokens sharded like everything else): the tokens
+    of single steps on one device."""
     from jaxserve.llm import LLM
-    from jaxserve.sampling import RowSpec
 
     options = dict(max_model_len=32, page_size=4, num_pages=64)
     llm = LLM(model_dir, tensor_parallel_size=2, decode_steps=4, **options)
     assert llm.engine.engine.mesh.shape == {"expert": 1, "tensor": 2}
-    for context in (8, 16, 32):
-        llm.engine.engine.decode_run_ready(2, context, [RowSpec(temperature=0.0)])
+    params = SamplingParams(detokenize=False, ignore_eos=True, temperature=0.0, max_tokens=12)
+    llm.generate(PROMPTS, params, use_tqdm=False)  # starts compiling what the batch needs
     llm.engine.engine.finish_compiles()
+    runs = llm.engine.decode_runs_total
     sched = llm.engine.scheduler
     plan_next, ahead = sched.schedule_next_run, []
     sched.schedule_next_run = lambda *a: ahead.append(plan_next(*a)) or ahead[-1]
-    params = SamplingParams(detokenize=False, ignore_eos=True, temperature=0.0, max_tokens=12)
     got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    # 12 tokens: the prefill's, then runs of 4, 4 (planned ahead) and 3 (planned ahead).
-    assert llm.engine.decode_runs_total == 3 and sum(p is not None for p in ahead) == 2
+    # 12 tokens: the prefill's, then runs of 4 (chained onto the prefill), 4 and 3, each
+    # planned while the plan before it computes.
+    assert llm.engine.decode_runs_total - runs == 3 and sum(p is not None for p in ahead) == 3
     one = LLM(model_dir, **options).generate(PROMPTS, params, use_tqdm=False)
     assert got == [o.outputs[0].token_ids for o in one]
     print("llm ok", flush=True)
