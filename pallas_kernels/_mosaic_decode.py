@@ -21,6 +21,11 @@ Design (flash-decoding on wgmma):
 - With one split the kernel merges its two warpgroups' results itself and writes the final rows;
   with more, each warpgroup writes a normalized partial result and its log-sum-exp, merged by a
   small XLA epilogue (`combine_splits`).
+- An 8-bit cache (`paged_decode` only: int8, fp8 e4m3 / e5m2, one scale per KV head for K and
+  for V) streams at half the bytes; each compute warpgroup converts its step's K tile, then its
+  V tile, into a 16-bit copy in shared memory for the wgmma (whose B operand must be there, in
+  the query's dtype), releasing the 8-bit slot at once. K's scale folds into the score scale, V's
+  into the result's normalization.
 
 `interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
 the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). Two differences
@@ -47,6 +52,8 @@ M_TILE = 64  # wgmma M: query rows per CTA
 SMEM_BYTES = 227 * 1024
 COMPUTE_WGS = 2
 NUM_SMS_DEFAULT = 132  # H100 SXM; used when the device does not say
+# 8-bit caches the kernel reads (with a scale per KV head), converting each tile in the kernel.
+QUANTIZED_KV = tuple(jnp.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +79,17 @@ def supported(
     group: int,
     kv_heads: int,
     query_tokens: int = 1,
+    write: bool = False,
 ) -> str:
-    """Empty string when the kernel handles these shapes, else the reason it does not."""
+    """Empty string when the kernel handles these shapes, else the reason it does not.
+    `write`: the variant that also writes the new tokens' K/V (`paged_decode_write`)."""
     if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"query dtype {q_dtype} (needs bf16 or fp16)"
     if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
-        return f"K/V dtype {kv_dtype} differs from the query's {q_dtype}"
+        if jnp.dtype(kv_dtype) not in QUANTIZED_KV:
+            return f"K/V dtype {kv_dtype} (needs the query's {q_dtype}, int8 or fp8)"
+        if write:
+            return f"K/V dtype {kv_dtype}: the write variant takes the query's dtype only"
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} (needs 64 or 128)"
     if page_size not in (8, 16, 32, 64, 128):
@@ -89,8 +101,12 @@ def supported(
     return ""
 
 
-def _fixed_smem(head_dim: int, splits: int, query_tokens: int, write: bool) -> int:
+def _fixed_smem(
+    head_dim: int, splits: int, query_tokens: int, write: bool, convert_rows: int = 0
+) -> int:
     q_tile = M_TILE * head_dim * 2
+    # An 8-bit cache: each compute warpgroup's 16-bit copy of its step's K, then V.
+    q_tile += COMPUTE_WGS * convert_rows * head_dim * 2
     if splits == 1:  # warpgroup 1's accumulator, m and l, and the 16-bit result
         out = M_TILE * head_dim * 4 + 2 * M_TILE * 4 + M_TILE * head_dim * 2
     else:  # both warpgroups' normalized partials and log-sum-exps
@@ -109,10 +125,12 @@ def choose_config(
     num_sms: int,
     query_tokens: int = 1,
     write: bool = True,
+    kv_itemsize: int = 2,
 ) -> DecodeConfig:
-    """Block, pipeline depth and split count for a problem; pure function of static shapes."""
+    """Block, pipeline depth and split count for a problem; pure function of static shapes.
+    `kv_itemsize` 1: an 8-bit cache."""
     block = max(64, page_size)
-    stage_bytes = 2 * block * head_dim * 2  # K and V tiles of one step, 16-bit
+    stage_bytes = 2 * block * head_dim * kv_itemsize  # K and V tiles of one step
     max_blocks = max(1, -(-max_pages * page_size // block))
     # Enough CTAs to fill the SMs with little wave quantization, but at least ~4 steps per
     # compute warpgroup so the pipeline runs full. One split merges its result in the kernel;
@@ -128,7 +146,7 @@ def choose_config(
             best, best_eff = s, eff
         if best_eff > 0.9 and n >= num_sms:
             break
-    fixed = _fixed_smem(head_dim, best, query_tokens, write)
+    fixed = _fixed_smem(head_dim, best, query_tokens, write, block if kv_itemsize == 1 else 0)
     stages = min(6, (SMEM_BYTES - fixed) // stage_bytes) // 2 * 2
     if stages < 2:
         raise ValueError(f"head_dim {head_dim} with page_size {page_size} does not fit in SMEM")
@@ -149,11 +167,13 @@ def _decode_call(
     query_tokens: int,
     write: bool,
     cfg: DecodeConfig,
+    scales: jax.Array | None = None,
     interpret: bool = False,
 ):
     """The kernel. `x` [T', H, D]: the step's query heads first; with `write`, then the new K
     heads and the new V heads, and T' a multiple of 8 of at least one step's keys. `k_pages` and
-    `v_pages` are refs written in place with `write`, arrays otherwise.
+    `v_pages` are refs written in place with `write`, arrays otherwise. An 8-bit cache comes
+    with `scales` [2, Hkv] f32 (K's and V's scale of each KV head).
 
     Returns the output [B * query_tokens, q_heads, D] with one split, else partial outputs [B,
     Hkv, 2*splits, query_tokens*group, D] f32 and their log2-sum-exp [B, Hkv, 2*splits, 64]."""
@@ -164,16 +184,22 @@ def _decode_call(
     seg = segment_rows(group, hkv)
     block, stages, splits = cfg.block_tokens, cfg.stages, cfg.num_splits
     merge = splits == 1
+    kv_dtype = jnp.dtype(k_pages.dtype)
+    quant = kv_dtype.itemsize == 1
+    if quant != (scales is not None) or (quant and write):
+        raise ValueError("scales: given for an 8-bit cache only, which the write variant lacks")
     lse_rows = group % 4 == 0  # see `_out_type`
     pages_per_step = block // page_size
     max_pages = block_tables.shape[1]
     qk_scale = scale * LOG2E  # scores kept in the log2 domain so exp2 is a single FMA + MUFU
 
-    def tiles(cols: int):
-        swizzle = plgpu.find_swizzle(cols * 2 * 8)
-        return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+    def tiles(cols: int, itemsize: int = 2):
+        swizzle = plgpu.find_swizzle(cols * itemsize * 8)
+        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
     def kernel(x_ref, k_ref, v_ref, slot_ref, bt_ref, len_ref, *outs, **s):
+        if quant:
+            sc_ref, *outs = outs
         split = lax.axis_index("split")
         kvh = lax.axis_index("head")
         b = lax.axis_index("batch")
@@ -193,6 +219,10 @@ def _decode_call(
         tok0 = b * tq
         # The new-token step's first row of x: 8-aligned, and the step's keys inside x.
         new0 = lax.div(jnp.minimum(tok0, x.shape[0] - block), 8) * 8
+
+        def v_scale():
+            # An 8-bit cache's V scale applies to the whole (normalized) result.
+            return sc_ref[1, kvh] if quant else 1.0
 
         def _finish_merged(acc, m_i, l_i):
             (out_ref,) = outs
@@ -214,8 +244,7 @@ def _decode_call(
                 m = jnp.maximum(m_i, m1)
                 a0, a1 = jnp.exp2(m_i - m), jnp.exp2(m1 - m)
                 l_sum = l_i * a0 + l1 * a1
-                nonzero = l_sum > 0.0
-                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_sum, 1.0), 0.0)
+                inv = _reciprocal(l_sum) * v_scale()
                 bc = functools.partial(
                     lax.broadcast_in_dim, shape=acc.shape, broadcast_dimensions=[0]
                 )
@@ -232,7 +261,7 @@ def _decode_call(
         def _finish_partial(acc, m_i, l_i):
             o_ref, lse_ref = outs
             nonzero = l_i > 0.0
-            inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
+            inv = _reciprocal(l_i) * v_scale()
             s["o"][wg] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
             s["lse"][wg] = jnp.where(
                 nonzero, m_i + jnp.log2(jnp.where(nonzero, l_i, 1.0)), -jnp.inf
@@ -267,6 +296,19 @@ def _decode_call(
 
             col = iota(block, 1)
             token = lax.div(iota(block, 0), seg)  # row r is query token r // seg
+            # An 8-bit cache's K scale folds into the score scale.
+            qs = qk_scale * sc_ref[0, kvh] if quant else qk_scale
+
+            def upcast(tile):
+                # The step's 8-bit K or V tile → this warpgroup's 16-bit copy, which the wgmma
+                # reads (its B operand comes from shared memory, in the query's dtype).
+                dst = s["kc"].at[wg]
+                x8 = plgpu.load(tile, layout=plgpu.Layout.WGMMA_8BIT)
+                # No hardware conversion from fp8 to bf16: through f32.
+                dst[...] = (x8 if kv_dtype == jnp.int8 else x8.astype(jnp.float32)).astype(dtype)
+                plgpu.commit_smem()  # all threads' stores, visible to the wgmma
+                return dst
+
             if write:
                 limit = cached - 1  # every query token sees all cached keys
                 # The new-token step: column c is row new0 + c of x, the sequence's tokens are
@@ -279,20 +321,27 @@ def _decode_call(
             def attend(carry, k_tile, v_tile, valid, p_buf, k_ready, k_done, v_ready, v_done):
                 acc, m_i, l_i = carry
                 k_ready()
+                if quant:  # the 8-bit slot is free once copied
+                    k_tile = upcast(k_tile)
+                    k_done()
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
                     return acc_ref[...]
 
                 s_ = pl.run_scoped(qk, plgpu.ACC((M_TILE, k_tile.shape[0]), jnp.float32))
-                k_done()
+                if not quant:
+                    k_done()
                 s_ = jnp.where(valid, s_, -jnp.inf)
                 # Scale the row max, not the tile: exp2(s * c - m) is then one FMA per score.
-                m_new = jnp.maximum(m_i, s_.max(axis=1) * qk_scale)
+                m_new = jnp.maximum(m_i, s_.max(axis=1) * qs)
                 alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s_ * qk_scale - lax.broadcast_in_dim(m_new, s_.shape, [0]))
+                p = jnp.exp2(s_ * qs - lax.broadcast_in_dim(m_new, s_.shape, [0]))
                 l_i = l_i * alpha + p.sum(axis=1)
                 v_ready()
+                if quant:  # K's copy is read: the same buffer takes V's
+                    v_tile = upcast(v_tile)
+                    v_done()
 
                 def pv(acc_ref):
                     if interpret:  # the interpreter's wgmma reads A from shared memory only
@@ -306,7 +355,8 @@ def _decode_call(
                 # A fresh accumulator, folded in with one FMA per element: the same work as
                 # rescaling in place, without making the wgmma wait for the rescale.
                 o = pl.run_scoped(pv, plgpu.ACC((M_TILE, d), jnp.float32))
-                v_done()
+                if not quant:
+                    v_done()
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
                 return acc, m_new, l_i
 
@@ -433,7 +483,7 @@ def _decode_call(
             if write:
                 plgpu.wait_smem_to_gmem(0)
 
-    kv_tile = plgpu.SMEM((stages, block, d), dtype, transforms=tiles(d))
+    kv_tile = plgpu.SMEM((stages, block, d), kv_dtype, transforms=tiles(d, kv_dtype.itemsize))
     scratch = dict(
         q=plgpu.SMEM((M_TILE, d), dtype, transforms=tiles(d)),
         k=kv_tile,
@@ -444,6 +494,8 @@ def _decode_call(
         k_free=plgpu.Barrier(num_barriers=stages),
         v_free=plgpu.Barrier(num_barriers=stages),
     )
+    if quant:
+        scratch["kc"] = plgpu.SMEM((COMPUTE_WGS, block, d), dtype, transforms=tiles(d))
     if interpret:
         scratch["p"] = plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles(block))
     if write:
@@ -478,7 +530,13 @@ def _decode_call(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(x, k_pages, v_pages, slots, block_tables, seq_lens)
+    )(x, k_pages, v_pages, slots, block_tables, seq_lens, *([scales] if quant else []))
+
+
+def _reciprocal(l_sum: jax.Array) -> jax.Array:
+    """1 / l where l > 0, else 0 (a row that saw no key comes out as zeros)."""
+    nonzero = l_sum > 0.0
+    return jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_sum, 1.0), 0.0)
 
 
 def _out_type(batch, hkv, q_heads, d, dtype, query_tokens, splits):
@@ -524,6 +582,7 @@ def _run(
     write,
     num_splits,
     interpret,
+    scales=None,
 ):
     """Shared wrapper: config, head padding, the kernel, and the XLA merge of several splits."""
     hkv, _, page_size, d = k_pages.shape
@@ -531,7 +590,15 @@ def _run(
     group = q_heads // hkv
     seg = segment_rows(group, hkv)
     cfg = choose_config(
-        batch, hkv, block_tables.shape[1], page_size, d, num_sms(), query_tokens, write
+        batch,
+        hkv,
+        block_tables.shape[1],
+        page_size,
+        d,
+        num_sms(),
+        query_tokens,
+        write,
+        jnp.dtype(k_pages.dtype).itemsize,
     )
     if num_splits is not None:
         cfg = dataclasses.replace(cfg, num_splits=num_splits)
@@ -548,6 +615,7 @@ def _run(
         query_tokens=query_tokens,
         write=write,
         cfg=cfg,
+        scales=scales,
         interpret=interpret,
     )
     tables, lens = block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32)
@@ -604,11 +672,19 @@ def paged_decode(
     scale: float,
     query_tokens: int = 1,
     num_splits: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """q: [B * query_tokens, q_heads, D] (the last `query_tokens` positions of each sequence, in
     order); returns the same shape. `seq_lens` count the query tokens, already in the cache.
-    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring)."""
+    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring).
+
+    An 8-bit cache (int8, fp8 e4m3 / e5m2; `QUANTIZED_KV`) holds K / k_scale and V / v_scale,
+    one f32 scale per KV head ([kv_heads]; default 1): the kernel streams the 8-bit pages,
+    converts each step's tile in shared memory, and applies the scales to the scores and the
+    result."""
+    scales = _kv_scales(k_pages, k_scale, v_scale)
     no_slots = jnp.zeros((q.shape[0],), jnp.int32)
     out, _, _ = _run(
         q,
@@ -623,8 +699,25 @@ def paged_decode(
         write=False,
         num_splits=num_splits,
         interpret=interpret,
+        scales=scales,
     )
     return out
+
+
+def _kv_scales(k_pages: jax.Array, k_scale, v_scale) -> jax.Array | None:
+    """[2, kv_heads] f32 scales of an 8-bit cache (None for a 16-bit one, which takes none)."""
+    hkv = k_pages.shape[0]
+    if jnp.dtype(k_pages.dtype).itemsize != 1:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")
+        return None
+    ones = jnp.ones((hkv,), jnp.float32)
+    return jnp.stack(
+        [
+            ones if k_scale is None else jnp.broadcast_to(k_scale, (hkv,)).astype(jnp.float32),
+            ones if v_scale is None else jnp.broadcast_to(v_scale, (hkv,)).astype(jnp.float32),
+        ]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits", "interpret"))

@@ -123,7 +123,7 @@ def _fused_decode(q: jax.Array, k_pages: jax.Array, meta: AttentionMetadata) -> 
         return False
     hkv, _, page_size, d = k_pages.shape
     return not _mosaic_decode.supported(
-        q.dtype, k_pages.dtype, d, page_size, q.shape[1] // hkv, hkv
+        q.dtype, k_pages.dtype, d, page_size, q.shape[1] // hkv, hkv, write=True
     )
 
 

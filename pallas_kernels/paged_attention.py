@@ -21,29 +21,49 @@ def paged_attention_reference(
     seq_lens: jax.Array,
     *,
     scale: float,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """q: [B, q_heads, D]; k/v_pages: [kv_heads, num_pages, page_size, D]; block_tables: [B, P];
     seq_lens: [B] (the query is the token at position seq_len - 1, its K/V already in the cache).
     Rows with seq_len 0 return zeros. Returns [B, q_heads, D] in q's dtype.
+
+    An 8-bit cache (int8 or fp8) stores K / k_scale and V / v_scale, one scale per KV head
+    ([kv_heads], default 1); K and V are those values times their scales.
     """
     b, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     g = hq // hkv
     p = block_tables.shape[1]
+    _check_scales(k_pages, k_scale, v_scale)
+
+    def dequantized(pages, pages_scale):
+        x = pages.astype(jnp.float32)
+        if pages_scale is None:
+            return x
+        return x * jnp.broadcast_to(pages_scale, (hkv,)).astype(jnp.float32)[:, None, None, None]
+
     # [kv_heads, B, P, page_size, D] -> [B, kv_heads, P * page_size, D]
-    k = k_pages[:, block_tables].reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
-    v = v_pages[:, block_tables].reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
+    k = dequantized(k_pages, k_scale)[:, block_tables]
+    v = dequantized(v_pages, v_scale)[:, block_tables]
+    k = k.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
+    v = v.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k.astype(jnp.float32)) * scale
+    scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k) * scale
     valid = jnp.arange(p * page_size)[None, :] < seq_lens[:, None]  # [B, K]
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(scores - m)
     denom = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bhgk,bhkd->bhgd", e, v.astype(jnp.float32))
+    out = jnp.einsum("bhgk,bhkd->bhgd", e, v)
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
     return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def _check_scales(k_pages: jax.Array, k_scale, v_scale) -> None:
+    if jnp.dtype(k_pages.dtype).itemsize != 1 and (k_scale is not None or v_scale is not None):
+        raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")
 
 
 def mosaic_available(device: jax.Device) -> bool:
@@ -66,13 +86,17 @@ def paged_attention(
     *,
     scale: float,
     backend: str = "reference",
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
-    """Decode attention through the chosen backend (see `paged_attention_reference`).
+    """Decode attention through the chosen backend (see `paged_attention_reference`; `k_scale`
+    / `v_scale` for an 8-bit cache).
 
-    "mosaic" runs the Hopper kernel when it handles the shapes (bf16/fp16, head_dim 64/128, page
-    size 8..128, at most 64 query heads per KV head) and the reference otherwise; "auto" picks
-    "mosaic" on Hopper GPUs.
+    "mosaic" runs the Hopper kernel when it handles the shapes (bf16/fp16 queries, a cache of
+    their dtype, int8 or fp8, head_dim 64/128, page size 8..128, at most 64 query heads per KV
+    head) and the reference otherwise; "auto" picks "mosaic" on Hopper GPUs.
     """
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if backend == "auto":
         backend = "mosaic" if mosaic_available(jax.devices()[0]) else "reference"
     if backend == "mosaic":
@@ -82,9 +106,11 @@ def paged_attention(
         group = q.shape[1] // hkv
         if not _mosaic_decode.supported(q.dtype, k_pages.dtype, d, page_size, group, hkv):
             return _mosaic_decode.paged_decode(
-                q, k_pages, v_pages, block_tables, seq_lens, scale=scale
+                q, k_pages, v_pages, block_tables, seq_lens, scale=scale, **scales
             )
         backend = "reference"
     if backend == "reference":
-        return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, scale=scale)
+        return paged_attention_reference(
+            q, k_pages, v_pages, block_tables, seq_lens, scale=scale, **scales
+        )
     raise ValueError(f"attention_backend: {backend!r} has no decode kernel on this platform")

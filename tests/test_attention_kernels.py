@@ -107,6 +107,23 @@ def decode_oracle(q: np.ndarray, case: PagedCase, scale: float) -> np.ndarray:
     return out
 
 
+def quantize_cache(
+    case: PagedCase, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The case's K/V pages in an 8-bit `dtype` (int8 or fp8), with one scale per KV head from
+    the sequences' values (stale garbage saturates): (k_q, v_q, k_scale, v_scale)."""
+    top = jnp.iinfo(dtype).max if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
+    out = []
+    for pages, seqs in ((case.k_pages, case.k_seq), (case.v_pages, case.v_seq)):
+        peak = np.max([np.abs(x).max(axis=(0, 2)) for x in seqs if len(x)], axis=0)
+        scale = (peak / top).astype(np.float32)
+        x = np.clip(pages / scale[:, None, None, None], -top, top)
+        out.append(jnp.asarray(np.rint(x) if dtype == jnp.int8 else x, jnp.float32).astype(dtype))
+        out.append(jnp.asarray(scale))
+    k_q, k_scale, v_q, v_scale = out
+    return k_q, v_q, k_scale, v_scale
+
+
 def prefill_inputs(
     rng: np.random.Generator,
     q_lens: list[int],
@@ -244,6 +261,47 @@ def test_prefill_xla_path_matches_reference(
     assert np.all(out[cu[-1] :] == 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_paged_reference_reads_an_8bit_cache_through_its_scales(dtype: jnp.dtype) -> None:
+    """An 8-bit cache holds K / k_scale and V / v_scale per KV head: the reference attends to
+    exactly the dequantized values."""
+    rng = np.random.default_rng(7)
+    lens, hkv, group, d, page = [5, 0, 40, 17], 2, 4, 32, 8
+    case = make_paged_case(rng, lens, hkv, d, page)
+    k_q, v_q, k_scale, v_scale = quantize_cache(case, dtype)
+    q = rng.standard_normal((len(lens), hkv * group, d)).astype(np.float32)
+    tables, seq_lens = jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens)
+    out = paged_attention.paged_attention_reference(
+        jnp.asarray(q), k_q, v_q, tables, seq_lens, scale=0.2, k_scale=k_scale, v_scale=v_scale
+    )
+    k_deq = np.asarray(k_q.astype(jnp.float32)) * np.asarray(k_scale)[:, None, None, None]
+    v_deq = np.asarray(v_q.astype(jnp.float32)) * np.asarray(v_scale)[:, None, None, None]
+    deq = dataclasses.replace(
+        case,
+        k_seq=[
+            k_deq[:, case.block_tables[b]].reshape(hkv, -1, d)[:, :n].swapaxes(0, 1)
+            for b, n in enumerate(lens)
+        ],
+        v_seq=[
+            v_deq[:, case.block_tables[b]].reshape(hkv, -1, d)[:, :n].swapaxes(0, 1)
+            for b, n in enumerate(lens)
+        ],
+    )
+    np.testing.assert_allclose(np.asarray(out), decode_oracle(q, deq, 0.2), atol=2e-5, rtol=2e-5)
+    # Close to the unquantized cache (a loose bound: 8 bits of K and V).
+    assert rel_err(np.asarray(out), decode_oracle(q, case, 0.2)) < 0.15
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_attention.paged_attention_reference(
+            jnp.asarray(q),
+            jnp.asarray(case.k_pages),
+            jnp.asarray(case.v_pages),
+            tables,
+            seq_lens,
+            scale=0.2,
+            k_scale=k_scale,
+        )
+
+
 def test_references_agree_on_a_one_token_chunk() -> None:
     """A one-token prefill chunk is a decode step: both twins must give the same answer."""
     rng = np.random.default_rng(7)
@@ -370,6 +428,18 @@ def test_prefill_kv_steps_agree_across_warpgroups(
     assert np.all(n_kv <= -(-np.asarray(ctx) // bk))
 
 
+def test_decode_kernel_takes_8bit_caches_for_reading_only() -> None:
+    bf16 = jnp.bfloat16
+    for dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2):
+        assert _mosaic_decode.supported(bf16, dtype, 128, 16, 4, 8) == ""
+        assert "write variant" in _mosaic_decode.supported(bf16, dtype, 128, 16, 4, 8, write=True)
+    assert "int8 or fp8" in _mosaic_decode.supported(bf16, jnp.float32, 128, 16, 4, 8)
+    # Half-size stages: more of them fit next to the warpgroups' 16-bit copies.
+    wide = _mosaic_decode.choose_config(32, 8, 256, 16, 128, num_sms=132)
+    narrow = _mosaic_decode.choose_config(32, 8, 256, 16, 128, num_sms=132, kv_itemsize=1)
+    assert narrow.stages >= wide.stages and narrow.stages % 2 == 0
+
+
 def test_decode_config_fills_the_gpu() -> None:
     for batch, kv_heads, max_pages, page, d in [(1, 8, 2048, 16, 128), (32, 8, 256, 16, 128)]:
         cfg = _mosaic_decode.choose_config(batch, kv_heads, max_pages, page, d, num_sms=132)
@@ -388,6 +458,9 @@ def test_mosaic_kernels_lower_for_cuda() -> None:
     q = jax.ShapeDtypeStruct((4, 32, 128), bf16)
     decode = jax.jit(lambda *a: _mosaic_decode.paged_decode(*a, scale=0.1))
     decode.trace(q, kv, kv, tables, lens).lower(lowering_platforms=("cuda",))
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):  # an 8-bit cache, converted in the kernel
+        kv8 = jax.ShapeDtypeStruct(kv.shape, dtype)
+        decode.trace(q, kv8, kv8, tables, lens).lower(lowering_platforms=("cuda",))
     q = jax.ShapeDtypeStruct((197, 32, 128), bf16)  # not a multiple of 8: padded
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
     prefill = jax.jit(lambda *a: _mosaic_prefill.paged_prefill(*a, scale=0.1))
@@ -448,6 +521,61 @@ def test_mosaic_decode_interpreted_matches_reference(
         else:
             assert np.all(out[rows] == 0.0), "an empty sequence must produce zeros"
     assert rel_err(out, ref) <= 1e-2
+
+
+def check_8bit_decode(rng, lens, group, head_dim, page, q_dtype, kv_dtype, run) -> None:
+    """`run(q, k, v, tables, seq_lens, k_scale, v_scale)` on an 8-bit cache against the
+    reference twin on the same cache; empty rows give zeros."""
+    hkv = 2
+    case = make_paged_case(rng, lens, hkv, head_dim, page)
+    k, v, k_scale, v_scale = quantize_cache(case, kv_dtype)
+    tables, seq_lens = jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens)
+    q = jnp.asarray(rng.standard_normal((len(lens), hkv * group, head_dim)), q_dtype)
+    out = np.asarray(run(q, k, v, tables, seq_lens, k_scale, v_scale).astype(jnp.float32))
+    ref = paged_attention.paged_attention_reference(
+        q, k, v, tables, seq_lens, scale=head_dim**-0.5, k_scale=k_scale, v_scale=v_scale
+    )
+    assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert np.all(out[b] == 0.0)
+
+
+EIGHT_BIT_CASES = [
+    # An empty row, mid-page ends, several steps per warpgroup: int8 under bf16 queries.
+    ([1, 17, 300, 0, 64], 4, 64, 16, jnp.bfloat16, jnp.int8, None),
+    ([400, 33], 8, 128, 64, jnp.float16, jnp.float8_e4m3fn, 2),  # splits, fp16 queries
+    ([129, 7], 1, 64, 8, jnp.bfloat16, jnp.float8_e5m2, None),  # one row per KV head, page 8
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"), EIGHT_BIT_CASES
+)
+def test_mosaic_decode_8bit_cache_interpreted(
+    lens, group, head_dim, page, q_dtype, kv_dtype, splits
+) -> None:
+    """The kernel on an int8 / fp8 cache in the interpreter: 8-bit pages streamed, each
+    step's tile converted by its warpgroup, K's scale in the scores, V's on the result."""
+
+    def run(q, k, v, tables, seq_lens, k_scale, v_scale):
+        return _mosaic_decode.paged_decode(
+            q,
+            k,
+            v,
+            tables,
+            seq_lens,
+            scale=head_dim**-0.5,
+            num_splits=splits,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            interpret=True,
+        )
+
+    check_8bit_decode(
+        np.random.default_rng(sum(lens)), lens, group, head_dim, page, q_dtype, kv_dtype, run
+    )
 
 
 def decode_write_case(
@@ -601,6 +729,33 @@ def test_mosaic_decode_matches_reference(
     for b, n in enumerate(lens):
         if n == 0:
             assert np.all(out[b] == 0.0)
+
+
+@hopper
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"),
+    [
+        *EIGHT_BIT_CASES,
+        ([1, 17, 300, 0, 64, 1000], 4, 128, 16, jnp.bfloat16, jnp.float8_e4m3fn, None),
+        ([5000, 33], 8, 128, 64, jnp.bfloat16, jnp.int8, 5),
+    ],
+)
+def test_mosaic_decode_8bit_cache_matches_reference(
+    lens, group, head_dim, page, q_dtype, kv_dtype, splits
+) -> None:
+    def run(q, k, v, tables, seq_lens, k_scale, v_scale):
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        if splits is None:  # through the public dispatch
+            return paged_attention.paged_attention(
+                q, k, v, tables, seq_lens, scale=head_dim**-0.5, backend="mosaic", **scales
+            )
+        return _mosaic_decode.paged_decode(
+            q, k, v, tables, seq_lens, scale=head_dim**-0.5, num_splits=splits, **scales
+        )
+
+    check_8bit_decode(
+        np.random.default_rng(len(lens) + page), lens, group, head_dim, page, q_dtype, kv_dtype, run
+    )
 
 
 @hopper

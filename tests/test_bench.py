@@ -418,3 +418,19 @@ def test_throughput_shared_prefix_hits_the_prefix_cache(tmp_path, caching):
         )
     else:
         assert r.get("prefix_cache_hits_total", 0) == 0
+
+
+def test_kernels_decode_inputs_of_an_8bit_cache():
+    """The kernels sweep's 8-bit decode rows: pages in that dtype with scales, bytes counted at
+    one per element, values whose dequantization is the bf16 case's kind of data."""
+    from jaxserve.bench import kernels
+
+    key = jax.random.key(0)
+    wide = kernels._decode_inputs(kernels.DecodeCase(2, 64), jnp.bfloat16, key)
+    for dtype in ("int8", "float8_e4m3fn"):
+        x = kernels._decode_inputs(kernels.DecodeCase(2, 64, kv_dtype=dtype), jnp.bfloat16, key)
+        assert x["k"].dtype == jnp.dtype(dtype) and x["v"].shape == wide["v"].shape
+        assert x["kv_bytes"] * 2 == wide["kv_bytes"]
+        values = x["k"].astype(jnp.float32) * x["scales"]["k_scale"][0]
+        assert 0.8 < float(jnp.std(values)) < 1.2
+    assert wide["scales"] == {}

@@ -39,6 +39,7 @@ class DecodeCase:
     kv_heads: int = 8
     head_dim: int = 128
     ragged: bool = False  # lengths uniform in [ctx / 8, ctx]
+    kv_dtype: str = ""  # an 8-bit cache (int8, float8_e4m3fn), with scales; else the query's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,8 @@ DECODE_SWEEP = [
     DecodeCase(32, 8192, ragged=True),
     DecodeCase(128, 2048, ragged=True),
     DecodeCase(8, 32768, ragged=True),
+    DecodeCase(32, 4096, kv_dtype="int8"),
+    DecodeCase(32, 4096, kv_dtype="float8_e4m3fn"),
 ]
 PREFILL_SWEEP = [
     PrefillCase(16, 1024),
@@ -135,7 +138,8 @@ def _decode_inputs(c: DecodeCase, dtype: jnp.dtype, key: jax.Array) -> dict[str,
         lens = np.full(c.batch, c.ctx)
     pages = -(-lens // c.page)
     touched = int(pages.sum()) * c.page
-    kv_bytes = touched * c.kv_heads * c.head_dim * 2 * jnp.dtype(dtype).itemsize
+    kv_dtype = jnp.dtype(c.kv_dtype or dtype)
+    kv_bytes = touched * c.kv_heads * c.head_dim * 2 * kv_dtype.itemsize
     rotations = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
     p = int(pages.max())
     num_pages = 1 + rotations * int(pages.sum())
@@ -148,13 +152,22 @@ def _decode_inputs(c: DecodeCase, dtype: jnp.dtype, key: jax.Array) -> dict[str,
             nxt += pages[b]
     kq, kk, kv = jax.random.split(key, 3)
     shape = (c.kv_heads, num_pages, c.page, c.head_dim)
+    # An 8-bit cache holds value / scale: int8 spreads N(0, 1) over +-64, fp8 keeps it.
+    unit = 16.0 if kv_dtype == jnp.int8 else 1.0
+    scales = jnp.full((c.kv_heads,), 1.0 / unit, jnp.float32)
+
+    def cache(k: jax.Array) -> jax.Array:
+        x = jax.random.normal(k, shape, jnp.float32) * unit
+        return (jnp.round(x) if kv_dtype == jnp.int8 else x).astype(kv_dtype)
+
     return {
         "q": jax.random.normal(kq, (c.batch, c.q_heads, c.head_dim), dtype),
-        "k": jax.random.normal(kk, shape, dtype),
-        "v": jax.random.normal(kv, shape, dtype),
+        "k": cache(kk),
+        "v": cache(kv),
         "tables": [jnp.asarray(t) for t in tables],
         "lens": jnp.asarray(lens, jnp.int32),
         "kv_bytes": kv_bytes,
+        "scales": dict(k_scale=scales, v_scale=scales) if kv_dtype.itemsize == 1 else {},
     }
 
 
@@ -167,9 +180,14 @@ def bench_decode(c: DecodeCase, dtype: jnp.dtype, iters: int, ceil: dict[str, fl
         # One call per rotation of the block tables: each reads its own copy of the pages.
         return lambda q, k, v, lens, *tables: tuple(attn(q, k, v, t, lens) for t in tables)
 
-    mosaic = many(lambda q, k, v, t, n: _mosaic_decode.paged_decode(q, k, v, t, n, scale=scale))
+    sc = x["scales"]
+    mosaic = many(
+        lambda q, k, v, t, n: _mosaic_decode.paged_decode(q, k, v, t, n, scale=scale, **sc)
+    )
     reference = many(
-        lambda q, k, v, t, n: paged_attention.paged_attention_reference(q, k, v, t, n, scale=scale)
+        lambda q, k, v, t, n: paged_attention.paged_attention_reference(
+            q, k, v, t, n, scale=scale, **sc
+        )
     )
     args = (x["q"], x["k"], x["v"], x["lens"], *x["tables"])
     out, ms, per_kernel = _timed(mosaic, args, iters)
@@ -189,6 +207,7 @@ def bench_decode(c: DecodeCase, dtype: jnp.dtype, iters: int, ceil: dict[str, fl
             c.head_dim,
             _mosaic_decode.num_sms(),
             write=False,
+            kv_itemsize=jnp.dtype(x["k"].dtype).itemsize,
         ).num_splits,
     }
     row["mosaic_tb_s"] = x["kv_bytes"] / (row["mosaic_us"] * 1e-6) / 1e12
@@ -268,7 +287,7 @@ def bench_prefill(c: PrefillCase, dtype: jnp.dtype, iters: int, ceil: dict[str, 
 def _fmt(row: dict) -> str:
     if row["kind"] == "decode":
         shape = f"B{row['batch']} ctx{row['ctx']}{'r' if row['ragged'] else ''} p{row['page']}"
-        shape += f" d{row['head_dim']}"
+        shape += f" d{row['head_dim']}" + (f" {row['kv_dtype']}" if row["kv_dtype"] else "")
         ours = f"{row['mosaic_us']:9.1f} us {row['mosaic_tb_s']:5.2f} TB/s"
         ours += f" ({100 * row['mosaic_frac_hbm']:3.0f}% HBM) splits {row['splits']}"
         peer = (
