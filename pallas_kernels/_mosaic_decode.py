@@ -106,14 +106,14 @@ def _fixed_smem(
 ) -> int:
     q_tile = M_TILE * head_dim * 2
     # An 8-bit cache: each compute warpgroup's 16-bit copy of its step's K, then V.
-    q_tile += COMPUTE_WGS * convert_rows * head_dim * 2
+    converted = COMPUTE_WGS * convert_rows * head_dim * 2
     if splits == 1:  # warpgroup 1's accumulator, m and l, and the 16-bit result
         out = M_TILE * head_dim * 4 + 2 * M_TILE * 4 + M_TILE * head_dim * 2
     else:  # both warpgroups' normalized partials and log-sum-exps
         out = COMPUTE_WGS * M_TILE * (head_dim + 1) * 4
     rows = 2 * query_tokens * head_dim * 2 if write else 0  # the new K/V rows to write
     # + barriers, alignment and the 2 KB Pallas keeps for cross-warp reductions
-    return q_tile + out + rows + 4096
+    return q_tile + converted + out + rows + 4096
 
 
 def choose_config(
