@@ -21,11 +21,13 @@ Design (flash-decoding on wgmma):
 - With one split the kernel merges its two warpgroups' results itself and writes the final rows;
   with more, each warpgroup writes a normalized partial result and its log-sum-exp, merged by a
   small XLA epilogue (`combine_splits`).
-- An 8-bit cache (`paged_decode` only: int8, fp8 e4m3 / e5m2, one scale per KV head for K and
-  for V) streams at half the bytes; each compute warpgroup converts its step's K tile, then its
-  V tile, into a 16-bit copy in shared memory for the wgmma (whose B operand must be there, in
-  the query's dtype), releasing the 8-bit slot at once. K's scale folds into the score scale, V's
-  into the result's normalization.
+- An 8-bit cache (int8, fp8 e4m3 / e5m2, one scale per KV head for K and for V) streams at
+  half the bytes; each compute warpgroup converts its step's K tile, then its V tile, into a
+  16-bit copy in shared memory for the wgmma (whose B operand must be there, in the query's
+  dtype), releasing the 8-bit slot at once. K's scale folds into the score scale, V's into the
+  result's normalization. The write variant takes the new K/V quantized by XLA
+  (`paged_attention.quantize_kv`) in an 8-bit array of their own, writes those and attends
+  them as written.
 
 `interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
 the warpgroups, shared memory, TMA copies and barriers (the CPU tests use it). Two differences
@@ -82,14 +84,13 @@ def supported(
     write: bool = False,
 ) -> str:
     """Empty string when the kernel handles these shapes, else the reason it does not.
-    `write`: the variant that also writes the new tokens' K/V (`paged_decode_write`)."""
+    `write`: the variant that also writes the new tokens' K/V (`paged_decode_write`; it takes
+    the same shapes and dtypes)."""
     if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"query dtype {q_dtype} (needs bf16 or fp16)"
     if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
         if jnp.dtype(kv_dtype) not in QUANTIZED_KV:
             return f"K/V dtype {kv_dtype} (needs the query's {q_dtype}, int8 or fp8)"
-        if write:
-            return f"K/V dtype {kv_dtype}: the write variant takes the query's dtype only"
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} (needs 64 or 128)"
     if page_size not in (8, 16, 32, 64, 128):
@@ -168,12 +169,14 @@ def _decode_call(
     write: bool,
     cfg: DecodeConfig,
     scales: jax.Array | None = None,
+    new_kv: jax.Array | None = None,
     interpret: bool = False,
 ):
     """The kernel. `x` [T', H, D]: the step's query heads first; with `write`, then the new K
     heads and the new V heads, and T' a multiple of 8 of at least one step's keys. `k_pages` and
     `v_pages` are refs written in place with `write`, arrays otherwise. An 8-bit cache comes
-    with `scales` [2, Hkv] f32 (K's and V's scale of each KV head).
+    with `scales` [2, Hkv] f32 (K's and V's scale of each KV head), and with `write` the new
+    K and V heads stored (quantized) in `new_kv` [T', 2 * Hkv, D] instead of in `x`.
 
     Returns the output [B * query_tokens, q_heads, D] with one split, else partial outputs [B,
     Hkv, 2*splits, query_tokens*group, D] f32 and their log2-sum-exp [B, Hkv, 2*splits, 64]."""
@@ -186,8 +189,8 @@ def _decode_call(
     merge = splits == 1
     kv_dtype = jnp.dtype(k_pages.dtype)
     quant = kv_dtype.itemsize == 1
-    if quant != (scales is not None) or (quant and write):
-        raise ValueError("scales: given for an 8-bit cache only, which the write variant lacks")
+    if quant != (scales is not None) or (quant and write) != (new_kv is not None):
+        raise ValueError("scales (and new_kv to write): for an 8-bit cache only")
     lse_rows = group % 4 == 0  # see `_out_type`
     pages_per_step = block // page_size
     max_pages = block_tables.shape[1]
@@ -200,6 +203,12 @@ def _decode_call(
     def kernel(x_ref, k_ref, v_ref, slot_ref, bt_ref, len_ref, *outs, **s):
         if quant:
             sc_ref, *outs = outs
+        # Where the new tokens' K and V heads are: in x after the query heads, or quantized
+        # in an array of their own.
+        new_ref, new_k, new_v = x_ref, q_heads, q_heads + hkv
+        if quant and write:
+            new_ref, *outs = outs
+            new_k, new_v = 0, hkv
         split = lax.axis_index("split")
         kvh = lax.axis_index("head")
         b = lax.axis_index("batch")
@@ -409,9 +418,9 @@ def _decode_call(
 
                 @pl.when(first_split)
                 def _():
-                    for src, dst in ((q_heads, "k_row"), (q_heads + hkv, "v_row")):
+                    for src, dst in ((new_k, "k_row"), (new_v, "v_row")):
                         plgpu.copy_gmem_to_smem(
-                            x_ref.at[pl.ds(tok0, tq), src + kvh], s[dst], s["row_bar"]
+                            new_ref.at[pl.ds(tok0, tq), src + kvh], s[dst], s["row_bar"]
                         )
 
             def copies(li, slot, name, head, src_head):
@@ -430,7 +439,7 @@ def _decode_call(
                     for j in range(pages_per_step):
                         rows = pl.ds(new0 + j * page_size, page_size)
                         dst = s[name].at[slot, pl.ds(j * page_size, page_size)]
-                        plgpu.copy_gmem_to_smem(x_ref.at[rows, src_head + kvh], dst, bar)
+                        plgpu.copy_gmem_to_smem(new_ref.at[rows, src_head + kvh], dst, bar)
 
                 if write:
                     pl.when(li < n_steps)(from_pages)
@@ -445,13 +454,13 @@ def _decode_call(
                 def _():
                     plgpu.barrier_wait(s["k_free"].at[slot])
 
-                copies(li, slot, "k", k_head, q_heads)
+                copies(li, slot, "k", k_head, new_k)
 
                 @pl.when(li >= stages)
                 def _():
                     plgpu.barrier_wait(s["v_free"].at[slot])
 
-                copies(li, slot, "v", v_head, q_heads + hkv)
+                copies(li, slot, "v", v_head, new_v)
 
             # The first `stages` steps need no free slot: issue them before the writes.
             filled = jnp.minimum(n_total, stages)
@@ -500,8 +509,8 @@ def _decode_call(
         scratch["p"] = plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles(block))
     if write:
         scratch.update(
-            k_row=plgpu.SMEM((tq, d), dtype),
-            v_row=plgpu.SMEM((tq, d), dtype),
+            k_row=plgpu.SMEM((tq, d), kv_dtype),
+            v_row=plgpu.SMEM((tq, d), kv_dtype),
             row_bar=plgpu.Barrier(num_arrivals=2),
         )
     if merge:
@@ -530,7 +539,16 @@ def _decode_call(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(x, k_pages, v_pages, slots, block_tables, seq_lens, *([scales] if quant else []))
+    )(
+        x,
+        k_pages,
+        v_pages,
+        slots,
+        block_tables,
+        seq_lens,
+        *([scales] if quant else []),
+        *([new_kv] if quant and write else []),
+    )
 
 
 def _reciprocal(l_sum: jax.Array) -> jax.Array:
@@ -583,6 +601,7 @@ def _run(
     num_splits,
     interpret,
     scales=None,
+    new_kv=None,
 ):
     """Shared wrapper: config, head padding, the kernel, and the XLA merge of several splits."""
     hkv, _, page_size, d = k_pages.shape
@@ -616,6 +635,7 @@ def _run(
         write=write,
         cfg=cfg,
         scales=scales,
+        new_kv=new_kv,
         interpret=interpret,
     )
     tables, lens = block_tables.astype(jnp.int32), seq_lens.astype(jnp.int32)
@@ -734,6 +754,8 @@ def paged_decode_write(
     scale: float,
     query_tokens: int = 1,
     num_splits: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write the step's new K/V into their slots and attend, in one kernel.
@@ -741,14 +763,31 @@ def paged_decode_write(
     q: [B * query_tokens, q_heads, D], k / v: [B * query_tokens, kv_heads, D] (RoPE applied),
     the last `query_tokens` positions of each sequence in order; `seq_lens` count them. Slots in
     page 0 are not written. Returns (out like q, k_pages, v_pages); the pages are updated in
-    place when the caller donates them."""
+    place when the caller donates them.
+
+    An 8-bit cache (see `paged_decode`) gets the new K/V quantized with its scales
+    (`paged_attention.quantize_kv`), and the new tokens are attended as written."""
+    from pallas_kernels.paged_attention import quantize_kv  # the twin module imports this one
+
     t = q.shape[0]
-    # One array for the kernel's copies (XLA builds it in the fusion that makes q, k and v), of
-    # whole 8-row tiles and at least one new-token tile.
-    x = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1)
+    scales = _kv_scales(k_pages, k_scale, v_scale)
     rows = max(-(-t // 8) * 8, 64, k_pages.shape[2])  # one step's keys: max(64, page_size)
-    if rows != t:
-        x = jnp.pad(x, ((0, rows - t), (0, 0), (0, 0)))
+
+    def tiled(a: jax.Array) -> jax.Array:  # whole 8-row tiles, at least one new-token tile
+        return a if rows == t else jnp.pad(a, ((0, rows - t), (0, 0), (0, 0)))
+
+    new_kv = None
+    if scales is None:
+        # One array for the kernel's copies (XLA builds it in the fusion that makes q, k, v).
+        x = tiled(jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=1))
+    else:
+        x = tiled(q)
+        kv_dtype = k_pages.dtype
+        new_kv = tiled(
+            jnp.concatenate(
+                [quantize_kv(k, scales[0], kv_dtype), quantize_kv(v, scales[1], kv_dtype)], axis=1
+            )
+        )
     return _run(
         x,
         k_pages,
@@ -762,4 +801,6 @@ def paged_decode_write(
         write=True,
         num_splits=num_splits,
         interpret=interpret,
+        scales=scales,
+        new_kv=new_kv,
     )

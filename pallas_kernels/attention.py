@@ -45,9 +45,17 @@ class AttentionMetadata:
 
 
 def write_kv(
-    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slot_mapping: jax.Array,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated.
+    """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated. An
+    8-bit cache stores them quantized with its per-KV-head scales (default 1;
+    `paged_attention.quantize_kv`).
 
     Padding tokens (and a multi-step run's rows past their end) have slots in the reserved page
     0, which nothing reads: their writes are dropped. Every other slot is written by one token
@@ -57,11 +65,14 @@ def write_kv(
     page, off = slot_mapping // page_size, slot_mapping % page_size
     page = jnp.where(page == 0, num_pages, page)  # out of bounds: dropped
 
-    def put(pages, x):
+    def put(pages, x, scale):
+        if jnp.dtype(pages.dtype).itemsize == 1:
+            ones = jnp.ones((pages.shape[0],), jnp.float32)
+            x = paged_attention.quantize_kv(x, ones if scale is None else scale, pages.dtype)
         x = x.swapaxes(0, 1).astype(pages.dtype)
         return pages.at[:, page, off].set(x, mode="drop", unique_indices=True)
 
-    return put(k_pages, k), put(v_pages, v)
+    return put(k_pages, k, k_scale), put(v_pages, v, v_scale)
 
 
 def attention(

@@ -61,6 +61,18 @@ def paged_attention_reference(
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
+def quantize_kv(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """K or V [T, kv_heads, D] as an 8-bit cache stores it: x / scale (one scale per KV head),
+    rounded and clipped to ±127 for int8, clipped to the largest finite value for fp8 (which has
+    no infinity; a larger value would become NaN)."""
+    dtype = jnp.dtype(dtype)
+    y = x.astype(jnp.float32) / jnp.broadcast_to(scale, (x.shape[1],)).astype(jnp.float32)[:, None]
+    if dtype == jnp.int8:
+        return jnp.clip(jnp.round(y), -127, 127).astype(dtype)
+    top = float(jnp.finfo(dtype).max)
+    return jnp.clip(y, -top, top).astype(dtype)
+
+
 def _check_scales(k_pages: jax.Array, k_scale, v_scale) -> None:
     if jnp.dtype(k_pages.dtype).itemsize != 1 and (k_scale is not None or v_scale is not None):
         raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")

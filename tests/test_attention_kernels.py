@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _mosaic_decode, _mosaic_prefill, flash_attention, paged_attention
+from pallas_kernels.attention import write_kv
 
 ON_HOPPER = jax.devices()[0].platform == "gpu" and paged_attention.mosaic_available(
     jax.devices()[0]
@@ -323,7 +324,6 @@ def test_references_agree_on_a_one_token_chunk() -> None:
 def test_write_kv_fills_each_slot_once_and_drops_page_zero() -> None:
     """New K/V land in their slots in bf16, padding tokens (slots in the reserved page 0) write
     nothing, and every other slot keeps its contents."""
-    from pallas_kernels.attention import write_kv
 
     rng = np.random.default_rng(4)
     heads, pages, page_size, dim = 2, 5, 4, 8
@@ -428,11 +428,11 @@ def test_prefill_kv_steps_agree_across_warpgroups(
     assert np.all(n_kv <= -(-np.asarray(ctx) // bk))
 
 
-def test_decode_kernel_takes_8bit_caches_for_reading_only() -> None:
+def test_decode_kernel_takes_8bit_caches() -> None:
     bf16 = jnp.bfloat16
     for dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2):
         assert _mosaic_decode.supported(bf16, dtype, 128, 16, 4, 8) == ""
-        assert "write variant" in _mosaic_decode.supported(bf16, dtype, 128, 16, 4, 8, write=True)
+        assert _mosaic_decode.supported(bf16, dtype, 128, 16, 4, 8, write=True) == ""
     assert "int8 or fp8" in _mosaic_decode.supported(bf16, jnp.float32, 128, 16, 4, 8)
     # Half-size stages: more of them fit next to the warpgroups' 16-bit copies.
     wide = _mosaic_decode.choose_config(32, 8, 256, 16, 128, num_sms=132)
@@ -458,9 +458,14 @@ def test_mosaic_kernels_lower_for_cuda() -> None:
     q = jax.ShapeDtypeStruct((4, 32, 128), bf16)
     decode = jax.jit(lambda *a: _mosaic_decode.paged_decode(*a, scale=0.1))
     decode.trace(q, kv, kv, tables, lens).lower(lowering_platforms=("cuda",))
+    new = jax.ShapeDtypeStruct((4, 8, 128), bf16)
+    slots = jax.ShapeDtypeStruct((4,), jnp.int32)
+    write = jax.jit(lambda *a: _mosaic_decode.paged_decode_write(*a, scale=0.1))
     for dtype in (jnp.int8, jnp.float8_e4m3fn):  # an 8-bit cache, converted in the kernel
         kv8 = jax.ShapeDtypeStruct(kv.shape, dtype)
         decode.trace(q, kv8, kv8, tables, lens).lower(lowering_platforms=("cuda",))
+        args = (q, new, new, kv8, kv8, slots, tables, lens)
+        write.trace(*args).lower(lowering_platforms=("cuda",))
     q = jax.ShapeDtypeStruct((197, 32, 128), bf16)  # not a multiple of 8: padded
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
     prefill = jax.jit(lambda *a: _mosaic_prefill.paged_prefill(*a, scale=0.1))
@@ -628,6 +633,40 @@ def decode_write_case(
     return args, ref, as_dtype(case.k_pages), as_dtype(case.v_pages)
 
 
+def quantize_pages(pages: jax.Array, scale: np.ndarray, dtype: jnp.dtype) -> jax.Array:
+    """[kv_heads, pages, page, D] through `quantize_kv` (which takes the heads on axis 1)."""
+    h, n, page, d = pages.shape
+    by_page = jnp.moveaxis(pages, 0, 1).reshape(n, h, page * d)
+    q = paged_attention.quantize_kv(by_page, jnp.asarray(scale), dtype)
+    return jnp.moveaxis(q.reshape(n, h, page, d), 1, 0)
+
+
+def check_8bit_decode_write(rng, lens, group, head_dim, page, q_dtype, kv_dtype, run) -> None:
+    """`run(*paged_decode_write args, k_scale, v_scale)` on an 8-bit cache: the new K/V land
+    in their slots quantized exactly as the XLA scatter (`write_kv`) stores them, nothing else
+    changes, and the output is the reference twin's over that cache."""
+    q, k_new, v_new, k16, v16, slots, tables, seq_lens = decode_write_case(
+        rng, lens, 2, group, head_dim, page, 1, q_dtype
+    )[0]
+    # Per-head scales: N(0, 1) values over about +-4 sigma for int8, as they are for fp8.
+    unit = np.array([4.0, 5.0]) / 127 if kv_dtype == jnp.int8 else np.array([0.5, 1.0])
+    k_scale, v_scale = jnp.asarray(unit, jnp.float32), jnp.asarray(unit[::-1], jnp.float32)
+    k8, v8 = quantize_pages(k16, unit, kv_dtype), quantize_pages(v16, unit[::-1], kv_dtype)
+    k_want, v_want = write_kv(k8, v8, k_new, v_new, slots, k_scale, v_scale)
+    out, k_got, v_got = run(q, k_new, v_new, k8, v8, slots, tables, seq_lens, k_scale, v_scale)
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+    np.testing.assert_array_equal(f32(k_got), f32(k_want))
+    np.testing.assert_array_equal(f32(v_got), f32(v_want))
+    assert not np.array_equal(f32(k_want), f32(k8))  # the new slots did change
+    ref = paged_attention.paged_attention_reference(
+        q, k_want, v_want, tables, seq_lens, scale=0.3, k_scale=k_scale, v_scale=v_scale
+    )
+    assert rel_err(f32(out), f32(ref)) <= 1e-2
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert np.all(f32(out)[b] == 0.0)
+
+
 def check_decode_write(lens, outs, ref, k_want, v_want, query_tokens) -> None:
     out, k_pages, v_pages = (np.asarray(a.astype(jnp.float32)) for a in outs)
     assert rel_err(out, ref) <= 1e-2
@@ -669,6 +708,33 @@ def test_mosaic_decode_write_interpreted(
         *args, scale=0.3, query_tokens=query_tokens, num_splits=splits, interpret=True
     )
     check_decode_write(lens, outs, ref, k_want, v_want, query_tokens)
+
+
+EIGHT_BIT_WRITE_CASES = [
+    ([1, 17, 200, 0, 64], 4, 64, 16, jnp.bfloat16, jnp.int8, None),  # an empty (padding) row
+    ([300, 33], 8, 128, 64, jnp.float16, jnp.float8_e4m3fn, 2),  # splits: the XLA merge
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"), EIGHT_BIT_WRITE_CASES
+)
+def test_mosaic_decode_write_8bit_cache_interpreted(
+    lens, group, head_dim, page, q_dtype, kv_dtype, splits
+) -> None:
+    """The engine's decode kernel on an int8 / fp8 cache in the interpreter: the new K/V
+    quantized into their slots, attended as written."""
+
+    def run(*args):
+        *args, k_scale, v_scale = args
+        return _mosaic_decode.paged_decode_write(
+            *args, scale=0.3, num_splits=splits, k_scale=k_scale, v_scale=v_scale, interpret=True
+        )
+
+    check_8bit_decode_write(
+        np.random.default_rng(sum(lens)), lens, group, head_dim, page, q_dtype, kv_dtype, run
+    )
 
 
 # --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
@@ -755,6 +821,29 @@ def test_mosaic_decode_8bit_cache_matches_reference(
 
     check_8bit_decode(
         np.random.default_rng(len(lens) + page), lens, group, head_dim, page, q_dtype, kv_dtype, run
+    )
+
+
+@hopper
+@pytest.mark.parametrize(
+    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"),
+    [
+        *EIGHT_BIT_WRITE_CASES,
+        ([1, 17, 300, 0, 64, 1000], 4, 128, 16, jnp.bfloat16, jnp.float8_e4m3fn, None),
+        ([129, 2048, 7], 1, 64, 128, jnp.bfloat16, jnp.int8, 3),
+    ],
+)
+def test_mosaic_decode_write_8bit_cache_matches_reference(
+    lens, group, head_dim, page, q_dtype, kv_dtype, splits
+) -> None:
+    def run(*args):
+        *args, k_scale, v_scale = args
+        return _mosaic_decode.paged_decode_write(
+            *args, scale=0.3, num_splits=splits, k_scale=k_scale, v_scale=v_scale
+        )
+
+    check_8bit_decode_write(
+        np.random.default_rng(len(lens)), lens, group, head_dim, page, q_dtype, kv_dtype, run
     )
 
 
