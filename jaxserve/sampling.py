@@ -185,8 +185,9 @@ def sample(
 ) -> dict[str, jax.Array]:
     """logits: [N, V] f32; src_rows: [R] which logits row each sampled row reads.
 
-    Returns tokens [R], the chosen token's logprob [R] (raw model log-softmax) and, when
-    need_logprobs, the top NUM_TOP_LOGPROBS ids/logprobs [R, K].
+    Returns tokens [R] and, when need_logprobs, the chosen token's logprob [R] (raw model
+    log-softmax) and the top NUM_TOP_LOGPROBS ids/logprobs [R, K]. (Without them no pass over
+    the vocabulary besides the argmax: at batch 1 each is a kernel launch per token.)
     """
     raw = logits[src_rows]
     x = apply_penalties(raw, b)
@@ -202,12 +203,13 @@ def sample(
 
         drawn = jax.vmap(draw)(b.seed, b.step, filtered)
         tok = jnp.where(b.temperature > 0, drawn, greedy_tok)
-    lp = jax.nn.log_softmax(raw, axis=-1)
-    out = {
-        "tokens": tok.astype(jnp.int32),
-        "logprob": jnp.take_along_axis(lp, tok[:, None], 1)[:, 0],
-    }
+    out = {"tokens": tok.astype(jnp.int32)}
     if need_logprobs:
+        lp = jax.nn.log_softmax(raw, axis=-1)
         top_lp, top_ids = jax.lax.top_k(lp, NUM_TOP_LOGPROBS)
-        out |= {"top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}
+        out |= {
+            "logprob": jnp.take_along_axis(lp, tok[:, None], 1)[:, 0],
+            "top_ids": top_ids.astype(jnp.int32),
+            "top_logprobs": top_lp,
+        }
     return out

@@ -47,6 +47,10 @@ def test_greedy_is_argmax_and_logprob_is_log_softmax():
     lsm = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(out["logprob"], lsm[np.arange(3), out["tokens"]], atol=1e-5)
     np.testing.assert_array_equal(out["top_ids"][:, :5], np.argsort(-lsm, axis=-1)[:, :5])
+    # Without logprobs wanted, only the tokens: no log-softmax pass over the vocabulary.
+    plain = run(logits, [RowSpec(temperature=0.0)] * 3)
+    assert set(plain) == {"tokens"}
+    np.testing.assert_array_equal(plain["tokens"], out["tokens"])
 
 
 @pytest.mark.parametrize(
