@@ -546,6 +546,7 @@ def check_8bit_decode(rng, lens, group, head_dim, page, q_dtype, kv_dtype, run) 
             assert np.all(out[b] == 0.0)
 
 
+EIGHT_BIT_ARGS = ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits")
 EIGHT_BIT_CASES = [
     # An empty row, mid-page ends, several steps per warpgroup: int8 under bf16 queries.
     ([1, 17, 300, 0, 64], 4, 64, 16, jnp.bfloat16, jnp.int8, None),
@@ -555,9 +556,7 @@ EIGHT_BIT_CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"), EIGHT_BIT_CASES
-)
+@pytest.mark.parametrize(EIGHT_BIT_ARGS, EIGHT_BIT_CASES)
 def test_mosaic_decode_8bit_cache_interpreted(
     lens, group, head_dim, page, q_dtype, kv_dtype, splits
 ) -> None:
@@ -717,9 +716,7 @@ EIGHT_BIT_WRITE_CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"), EIGHT_BIT_WRITE_CASES
-)
+@pytest.mark.parametrize(EIGHT_BIT_ARGS, EIGHT_BIT_WRITE_CASES)
 def test_mosaic_decode_write_8bit_cache_interpreted(
     lens, group, head_dim, page, q_dtype, kv_dtype, splits
 ) -> None:
@@ -799,7 +796,7 @@ def test_mosaic_decode_matches_reference(
 
 @hopper
 @pytest.mark.parametrize(
-    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"),
+    EIGHT_BIT_ARGS,
     [
         *EIGHT_BIT_CASES,
         ([1, 17, 300, 0, 64, 1000], 4, 128, 16, jnp.bfloat16, jnp.float8_e4m3fn, None),
@@ -826,7 +823,7 @@ def test_mosaic_decode_8bit_cache_matches_reference(
 
 @hopper
 @pytest.mark.parametrize(
-    ("lens", "group", "head_dim", "page", "q_dtype", "kv_dtype", "splits"),
+    EIGHT_BIT_ARGS,
     [
         *EIGHT_BIT_WRITE_CASES,
         ([1, 17, 300, 0, 64, 1000], 4, 128, 16, jnp.bfloat16, jnp.float8_e4m3fn, None),
