@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks behind docs/perf/engine_h100.md: GPU-marked tests, then the
-# latency, offline throughput, shared-prefix and server start-up benchmarks of real model shapes
-# with random weights. Usage: tools/gpu_suite.sh OUT_DIR [quick]   (quick: tests + latency only)
+# The GPU checks and benchmarks behind docs/perf/engine_h100.md and kernels.md: GPU-marked tests,
+# then the latency benchmarks, the attention kernels' sweep, and the offline throughput,
+# shared-prefix and server start-up benchmarks of real model shapes with random weights. Usage: tools/gpu_suite.sh OUT_DIR [quick]   (quick: tests + latency only)
 set -uo pipefail
 out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick]}
 mkdir -p "$out"
@@ -21,6 +21,7 @@ bench latency_llama-3.2-1b_b1 latency --random-weights llama-3.2-1b --batch-size
 bench latency_llama-3-8b_b1 latency --random-weights llama-3-8b --batch-size 1 "${io[@]}"
 bench latency_llama-3-8b_b8 latency --random-weights llama-3-8b --batch-size 8 "${io[@]}"
 [ "${2:-}" = quick ] && exit 0
+bench kernels_h100 kernels  # the attention kernels' sweep against cuDNN / XLA (docs/perf/kernels.md)
 offline=(--random-weights llama-3-8b --num-requests 2000 --input-len 128 --output-len 128)
 bench throughput_llama-3-8b_2000x128x128 throughput "${offline[@]}"
 bench throughput_llama-3-8b_2000x128x128_seqs512 throughput "${offline[@]}" \
