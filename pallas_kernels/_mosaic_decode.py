@@ -26,7 +26,7 @@ Design (flash-decoding on wgmma):
   16-bit copy in shared memory for the wgmma (whose B operand must be there, in the query's
   dtype), releasing the 8-bit slot at once. K's scale folds into the score scale, V's into the
   result's normalization. The write variant takes the new K/V quantized by XLA
-  (`paged_attention.quantize_kv`) in an 8-bit array of their own, writes those and attends
+  (`kv_quant.quantize_kv`) in an 8-bit array of their own, writes those and attends
   them as written.
 
 `interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter, which simulates
@@ -49,13 +49,13 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.kv_quant import QUANTIZED_KV, kv_scales, quantize_kv
+
 LOG2E = math.log2(math.e)
 M_TILE = 64  # wgmma M: query rows per CTA
 SMEM_BYTES = 227 * 1024
 COMPUTE_WGS = 2
 NUM_SMS_DEFAULT = 132  # H100 SXM; used when the device does not say
-# 8-bit caches the kernel reads (with a scale per KV head), converting each tile in the kernel.
-QUANTIZED_KV = tuple(jnp.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -700,11 +700,11 @@ def paged_decode(
     order); returns the same shape. `seq_lens` count the query tokens, already in the cache.
     `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring).
 
-    An 8-bit cache (int8, fp8 e4m3 / e5m2; `QUANTIZED_KV`) holds K / k_scale and V / v_scale,
+    An 8-bit cache (int8, fp8 e4m3 / e5m2; `kv_quant`) holds K / k_scale and V / v_scale,
     one f32 scale per KV head ([kv_heads]; default 1): the kernel streams the 8-bit pages,
     converts each step's tile in shared memory, and applies the scales to the scores and the
     result."""
-    scales = _kv_scales(k_pages, k_scale, v_scale)
+    scales = kv_scales(k_pages, k_scale, v_scale)
     no_slots = jnp.zeros((q.shape[0],), jnp.int32)
     out, _, _ = _run(
         q,
@@ -722,22 +722,6 @@ def paged_decode(
         scales=scales,
     )
     return out
-
-
-def _kv_scales(k_pages: jax.Array, k_scale, v_scale) -> jax.Array | None:
-    """[2, kv_heads] f32 scales of an 8-bit cache (None for a 16-bit one, which takes none)."""
-    hkv = k_pages.shape[0]
-    if jnp.dtype(k_pages.dtype).itemsize != 1:
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")
-        return None
-    ones = jnp.ones((hkv,), jnp.float32)
-    return jnp.stack(
-        [
-            ones if k_scale is None else jnp.broadcast_to(k_scale, (hkv,)).astype(jnp.float32),
-            ones if v_scale is None else jnp.broadcast_to(v_scale, (hkv,)).astype(jnp.float32),
-        ]
-    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "query_tokens", "num_splits", "interpret"))
@@ -766,11 +750,9 @@ def paged_decode_write(
     place when the caller donates them.
 
     An 8-bit cache (see `paged_decode`) gets the new K/V quantized with its scales
-    (`paged_attention.quantize_kv`), and the new tokens are attended as written."""
-    from pallas_kernels.paged_attention import quantize_kv  # the twin module imports this one
-
+    (`kv_quant.quantize_kv`), and the new tokens are attended as written."""
     t = q.shape[0]
-    scales = _kv_scales(k_pages, k_scale, v_scale)
+    scales = kv_scales(k_pages, k_scale, v_scale)
     rows = max(-(-t // 8) * 8, 64, k_pages.shape[2])  # one step's keys: max(64, page_size)
 
     def tiled(a: jax.Array) -> jax.Array:  # whole 8-row tiles, at least one new-token tile

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from jaxserve.sharding import TENSOR, kv_spec
 from pallas_kernels import _mosaic_decode, flash_attention, paged_attention
+from pallas_kernels.kv_quant import kv_scales, quantize_kv
 
 BACKENDS = ("auto", "reference", "xla", "mosaic")
 
@@ -55,7 +56,7 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new K/V ([T, kv_heads, head_dim]) into their slots; in place when donated. An
     8-bit cache stores them quantized with its per-KV-head scales (default 1;
-    `paged_attention.quantize_kv`).
+    `kv_quant.quantize_kv`).
 
     Padding tokens (and a multi-step run's rows past their end) have slots in the reserved page
     0, which nothing reads: their writes are dropped. Every other slot is written by one token
@@ -65,14 +66,15 @@ def write_kv(
     page, off = slot_mapping // page_size, slot_mapping % page_size
     page = jnp.where(page == 0, num_pages, page)  # out of bounds: dropped
 
-    def put(pages, x, scale):
-        if jnp.dtype(pages.dtype).itemsize == 1:
-            ones = jnp.ones((pages.shape[0],), jnp.float32)
-            x = paged_attention.quantize_kv(x, ones if scale is None else scale, pages.dtype)
+    scales = kv_scales(k_pages, k_scale, v_scale)
+
+    def put(pages, x, i):
+        if scales is not None:
+            x = quantize_kv(x, scales[i], pages.dtype)
         x = x.swapaxes(0, 1).astype(pages.dtype)
         return pages.at[:, page, off].set(x, mode="drop", unique_indices=True)
 
-    return put(k_pages, k, k_scale), put(v_pages, v, v_scale)
+    return put(k_pages, k, 0), put(v_pages, v, 1)
 
 
 def attention(

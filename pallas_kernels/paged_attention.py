@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _mosaic_decode
+from pallas_kernels.kv_quant import kv_scales
 
 
 def paged_attention_reference(
@@ -28,24 +29,22 @@ def paged_attention_reference(
     seq_lens: [B] (the query is the token at position seq_len - 1, its K/V already in the cache).
     Rows with seq_len 0 return zeros. Returns [B, q_heads, D] in q's dtype.
 
-    An 8-bit cache (int8 or fp8) stores K / k_scale and V / v_scale, one scale per KV head
+    An 8-bit cache (`kv_quant`) stores K / k_scale and V / v_scale, one scale per KV head
     ([kv_heads], default 1); K and V are those values times their scales.
     """
     b, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     g = hq // hkv
     p = block_tables.shape[1]
-    _check_scales(k_pages, k_scale, v_scale)
+    scales = kv_scales(k_pages, k_scale, v_scale)
 
-    def dequantized(pages, pages_scale):
+    def dequantized(pages, i):
         x = pages.astype(jnp.float32)
-        if pages_scale is None:
-            return x
-        return x * jnp.broadcast_to(pages_scale, (hkv,)).astype(jnp.float32)[:, None, None, None]
+        return x if scales is None else x * scales[i][:, None, None, None]
 
     # [kv_heads, B, P, page_size, D] -> [B, kv_heads, P * page_size, D]
-    k = dequantized(k_pages, k_scale)[:, block_tables]
-    v = dequantized(v_pages, v_scale)[:, block_tables]
+    k = dequantized(k_pages, 0)[:, block_tables]
+    v = dequantized(v_pages, 1)[:, block_tables]
     k = k.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
     v = v.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32)
@@ -59,23 +58,6 @@ def paged_attention_reference(
     out = jnp.einsum("bhgk,bhkd->bhgd", e, v)
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
     return out.reshape(b, hq, d).astype(q.dtype)
-
-
-def quantize_kv(x: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """K or V [T, kv_heads, D] as an 8-bit cache stores it: x / scale (one scale per KV head),
-    rounded and clipped to ±127 for int8, clipped to the largest finite value for fp8 (which has
-    no infinity; a larger value would become NaN)."""
-    dtype = jnp.dtype(dtype)
-    y = x.astype(jnp.float32) / jnp.broadcast_to(scale, (x.shape[1],)).astype(jnp.float32)[:, None]
-    if dtype == jnp.int8:
-        return jnp.clip(jnp.round(y), -127, 127).astype(dtype)
-    top = float(jnp.finfo(dtype).max)
-    return jnp.clip(y, -top, top).astype(dtype)
-
-
-def _check_scales(k_pages: jax.Array, k_scale, v_scale) -> None:
-    if jnp.dtype(k_pages.dtype).itemsize != 1 and (k_scale is not None or v_scale is not None):
-        raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")
 
 
 def mosaic_available(device: jax.Device) -> bool:

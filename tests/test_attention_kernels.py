@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import _mosaic_decode, _mosaic_prefill, flash_attention, paged_attention
+from pallas_kernels import (
+    _mosaic_decode,
+    _mosaic_prefill,
+    flash_attention,
+    kv_quant,
+    paged_attention,
+)
 from pallas_kernels.attention import write_kv
 
 ON_HOPPER = jax.devices()[0].platform == "gpu" and paged_attention.mosaic_available(
@@ -636,7 +642,7 @@ def quantize_pages(pages: jax.Array, scale: np.ndarray, dtype: jnp.dtype) -> jax
     """[kv_heads, pages, page, D] through `quantize_kv` (which takes the heads on axis 1)."""
     h, n, page, d = pages.shape
     by_page = jnp.moveaxis(pages, 0, 1).reshape(n, h, page * d)
-    q = paged_attention.quantize_kv(by_page, jnp.asarray(scale), dtype)
+    q = kv_quant.quantize_kv(by_page, jnp.asarray(scale), dtype)
     return jnp.moveaxis(q.reshape(n, h, page, d), 1, 0)
 
 
