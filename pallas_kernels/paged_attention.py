@@ -38,13 +38,13 @@ def paged_attention_reference(
     p = block_tables.shape[1]
     scales = kv_scales(k_pages, k_scale, v_scale)
 
-    def dequantized(pages, i):
-        x = pages.astype(jnp.float32)
-        return x if scales is None else x * scales[i][:, None, None, None]
+    def gathered(pages, i):  # the table's pages only, in f32 (dequantized): [kv_heads, B, P, ...]
+        x = pages[:, block_tables].astype(jnp.float32)
+        return x if scales is None else x * scales[i][:, None, None, None, None]
 
     # [kv_heads, B, P, page_size, D] -> [B, kv_heads, P * page_size, D]
-    k = dequantized(k_pages, 0)[:, block_tables]
-    v = dequantized(v_pages, 1)[:, block_tables]
+    k = gathered(k_pages, 0)
+    v = gathered(v_pages, 1)
     k = k.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
     v = v.reshape(hkv, b, p * page_size, d).swapaxes(0, 1)
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32)

@@ -309,6 +309,27 @@ def test_paged_reference_reads_an_8bit_cache_through_its_scales(dtype: jnp.dtype
         )
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.int8])
+def test_paged_reference_touches_only_the_pages_in_the_tables(dtype: jnp.dtype) -> None:
+    """The reference is the decode path off Hopper: it gathers the tables' pages before any
+    conversion or scaling, never an op over the whole cache (which is most of the GPU's
+    memory)."""
+    hkv, pages, page, d = 2, 4096, 16, 64
+    k_pages = jax.ShapeDtypeStruct((hkv, pages, page, d), dtype)
+    q = jax.ShapeDtypeStruct((2, hkv * 4, d), jnp.bfloat16)
+    tables = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    lens = jax.ShapeDtypeStruct((2,), jnp.int32)
+    scales = {"k_scale": 0.5, "v_scale": 2.0} if dtype == jnp.int8 else {}
+    ref = functools.partial(paged_attention.paged_attention_reference, scale=0.1, **scales)
+    jaxpr = jax.make_jaxpr(ref)(q, k_pages, k_pages, tables, lens)
+    whole = [
+        e.primitive.name
+        for e in jaxpr.eqns
+        if any(getattr(v.aval, "shape", None) == k_pages.shape for v in e.outvars)
+    ]
+    assert whole == []
+
+
 def test_references_agree_on_a_one_token_chunk() -> None:
     """A one-token prefill chunk is a decode step: both twins must give the same answer."""
     rng = np.random.default_rng(7)
