@@ -135,7 +135,9 @@ def choose_config(
     max_blocks = max(1, -(-max_pages * page_size // block))
     # Enough CTAs to fill the SMs with little wave quantization, but at least ~4 steps per
     # compute warpgroup so the pipeline runs full. One split merges its result in the kernel;
-    # more are merged by a small XLA kernel (`combine_splits`).
+    # more are merged by a small XLA kernel (`combine_splits`). A split count must beat the
+    # best so far by 2 % of its efficiency (relative: while a few CTAs fill a few SMs, each
+    # doubling is a large gain in a small number).
     ctas = batch * kv_heads
     best, best_eff = 1, 0.0
     for s in range(1, max(1, max_blocks // 8) + 1):
@@ -143,7 +145,7 @@ def choose_config(
         eff = n / (-(-n // num_sms) * num_sms)
         if n < num_sms:
             eff *= n / num_sms
-        if eff > best_eff + 0.02:
+        if eff > best_eff * 1.02:
             best, best_eff = s, eff
         if best_eff > 0.9 and n >= num_sms:
             break

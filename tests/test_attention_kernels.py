@@ -475,6 +475,19 @@ def test_decode_config_fills_the_gpu() -> None:
         assert cfg.block_tokens % page == 0
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("max_pages", [16, 64, 256, 2048])
+def test_decode_config_splits_a_few_ctas_as_far_as_the_keys_allow(batch, kv_heads, max_pages):
+    """While the (sequence, KV head) CTAs fill few SMs, the keys are split until the SMs are
+    full or a split would get under 8 steps of 64 keys (at batch 1 and 1,024 keys of 8 KV
+    heads: 2 splits, not 1)."""
+    cfg = _mosaic_decode.choose_config(batch, kv_heads, max_pages, 16, 128, num_sms=132)
+    max_blocks = max_pages * 16 // 64
+    assert cfg.num_splits >= min(max(1, max_blocks // 8), 132 // (batch * kv_heads))
+    assert cfg.num_splits <= max(1, max_blocks // 8)
+
+
 @pytest.mark.slow
 def test_mosaic_kernels_lower_for_cuda() -> None:
     """Both kernels get through Mosaic GPU's layout inference and lowering (no GPU needed)."""
