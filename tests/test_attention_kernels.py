@@ -945,6 +945,7 @@ def test_mosaic_decode_write_matches_reference(
         ([1000, 0, 130], [500, 0, 0], 8, 128, 64, 0, jnp.float16),  # an empty row
         ([64, 257], [3000, 129], 1, 64, 16, 3, jnp.bfloat16),
         ([5], [0], 4, 128, 8, 2, jnp.bfloat16),  # fewer tokens than one tile
+        ([640, 129, 385, 1], [0, 0, 2000, 7], 4, 128, 16, 5, jnp.bfloat16),  # odd tile counts
     ],
 )
 def test_mosaic_prefill_matches_reference(
