@@ -420,6 +420,17 @@ def test_throughput_shared_prefix_hits_the_prefix_cache(tmp_path, caching):
         assert r.get("prefix_cache_hits_total", 0) == 0
 
 
+def test_kernels_prefill_row_separates_the_pallas_kernel():
+    """The prefill rows give the Pallas kernel's own time next to the whole call's (which adds
+    the small XLA ops building the kernel's work list)."""
+    from jaxserve.bench import kernels
+
+    per_call = {"sort_3_1": 4.7, "loop_gather_fusion": 2.3, "entry_mosaic_gpu_kernel": 966.3}
+    assert kernels.pallas_kernel_us(per_call) == pytest.approx(966.3)
+    with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
+        kernels.pallas_kernel_us({"sort_3_1": 4.7})
+
+
 def test_kernels_decode_inputs_of_an_8bit_cache():
     """The kernels sweep's 8-bit decode rows: pages in that dtype with scales, bytes counted at
     one per element, values whose dequantization is the bf16 case's kind of data."""
