@@ -427,8 +427,7 @@ def test_kernels_prefill_row_separates_the_pallas_kernel():
 
     per_call = {"sort_3_1": 4.7, "loop_gather_fusion": 2.3, "entry_mosaic_gpu_kernel": 966.3}
     assert kernels.pallas_kernel_us(per_call) == pytest.approx(966.3)
-    with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
-        kernels.pallas_kernel_us({"sort_3_1": 4.7})
+    assert kernels.pallas_kernel_us({"sort_3_1": 4.7}) is None
 
 
 def test_kernels_decode_inputs_of_an_8bit_cache():
