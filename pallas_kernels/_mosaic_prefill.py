@@ -16,6 +16,12 @@ Design (FlashAttention-3 style, paged):
   sequence's rows, so neighbouring sequences are never touched.
 - Keys of token t are positions 0..position(t) of its sequence, where each sequence's chunk holds
   the consecutive positions ending at seq_len - 1 (how the engine lays out chunked prefill).
+
+`interpret=True` runs the kernel on the CPU in Pallas's Mosaic GPU interpreter (the CPU tests use
+it). Two differences there, both for the interpreter's sake: it takes a wgmma's A operand from
+shared memory only, so P is staged in a shared-memory tile before the P·V matmul; and it wants
+every phase of a barrier seen by the threads that wait on it, so the TMA warpgroup also waits for
+the last `stages` slot releases. Everything else is the kernel as it runs on the GPU.
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ def _prefill_call(
     *,
     scale: float,
     cfg: PrefillConfig,
+    interpret: bool = False,
 ) -> jax.Array:
     t, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
@@ -148,7 +155,8 @@ def _prefill_call(
     tiles = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
     def kernel(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref, scratch):
-        q_smem, k_smem, v_smem, o_smem, bt_smem, bars = scratch
+        q_smem, k_smem, v_smem, o_smem, bt_smem, bars, *interpreted = scratch
+        p_smem = interpreted[0] if interpret else None  # P for the interpreter's wgmma
         q_bar, k_bar, v_bar, k_free, v_free, sched, bt_bar = bars
         h = lax.axis_index("head")
         it = lax.axis_index("item")
@@ -214,7 +222,16 @@ def _prefill_call(
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                def pv_interpreted(acc_ref):  # the interpreter's A operand: shared memory
+                    p_smem[wg] = p16
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+                    return acc_ref[...]
+
+                if interpret:
+                    acc = acc + pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
+                else:
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
@@ -303,6 +320,14 @@ def _prefill_call(
                     dst = v_smem.at[slot, pl.ds(i * page_size, page_size)]
                     plgpu.copy_gmem_to_smem(v_head.at[page], dst, v_bar.at[slot])
 
+            if interpret:
+                # The interpreter checks that a thread waiting on a barrier sees every phase of
+                # it; on the GPU nothing needs the last `stages` releases, so they go unseen.
+                @pl.loop(jnp.maximum(n_kv - stages, 0), n_kv)
+                def _drain(j):
+                    plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+                    plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+
     def entry(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref):
         kv_tile = plgpu.SMEM((stages, bk, d), dtype, transforms=tiles)
         pl.run_scoped(
@@ -321,6 +346,11 @@ def _prefill_call(
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS),
                 plgpu.Barrier(num_arrivals=-(-max_pages // TABLE_CHUNK)),
             ),
+            *(
+                [plgpu.SMEM((COMPUTE_WGS, WG_ROWS, bk), dtype, transforms=tiles)]
+                if interpret
+                else []
+            ),
             collective_axes="wg",
         )
 
@@ -332,10 +362,11 @@ def _prefill_call(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k_pages, v_pages, block_tables, work)
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
 def paged_prefill(
     q: jax.Array,
     k_pages: jax.Array,
@@ -345,8 +376,10 @@ def paged_prefill(
     cu_q_lens: jax.Array,
     *,
     scale: float,
+    interpret: bool = False,
 ) -> jax.Array:
-    """q: [T, q_heads, D] packed chunks; see `prefill_attention_reference` for the contract."""
+    """q: [T, q_heads, D] packed chunks; see `prefill_attention_reference` for the contract.
+    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring)."""
     t, _, d = q.shape
     # Table rows are copied with TMA, whose global strides are multiples of 16 bytes.
     tables = block_tables.astype(jnp.int32)
@@ -360,5 +393,7 @@ def paged_prefill(
     if t_pad != t:
         q = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
     work = build_work_list(cu_q_lens, seq_lens, t_pad)
-    out = _prefill_call(q, k_pages, v_pages, tables, work, scale=scale, cfg=cfg)
+    out = _prefill_call(
+        q, k_pages, v_pages, tables, work, scale=scale, cfg=cfg, interpret=interpret
+    )
     return out[:t]
