@@ -42,6 +42,7 @@ COMPUTE_WGS = 2
 TILE_ROWS = WG_ROWS * COMPUTE_WGS
 SMEM_BYTES = 227 * 1024
 TABLE_CHUNK = 256  # block-table entries per TMA copy (a TMA box dimension is at most 256)
+PROFILE_EVENTS = 256  # profiler events kept per warpgroup with `profile_dir` (the rest dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ def _prefill_call(
     scale: float,
     cfg: PrefillConfig,
     interpret: bool = False,
+    profile_dir: str | None = None,
 ) -> jax.Array:
     t, hq, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
@@ -196,28 +198,29 @@ def _prefill_call(
             def step(j, carry, masked: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
                     schedule()
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                # (Named scopes: the regions `profile_dir` traces; nothing otherwise.)
+                with jax.named_scope("qk"):
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                if masked:
-                    s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
-                # Scale the row max, not the tile: exp2(s * c - m) is then one FMA per score.
-                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = p.astype(dtype)
+                with jax.named_scope("softmax"):
+                    if masked:
+                        s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
+                    # Scale the row max, not the tile: exp2(s * c - m) is one FMA per score.
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p16 = p.astype(dtype)
                 # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
                 plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -228,10 +231,14 @@ def _prefill_call(
                     plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
                     return acc_ref[...]
 
-                if interpret:
-                    acc = acc + pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
-                else:
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                with jax.named_scope("pv"):
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(sched)
+                    if interpret:
+                        o = pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
+                        acc = acc + o
+                    else:
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
@@ -361,12 +368,21 @@ def _prefill_call(
         grid_names=("head", "item"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True,
+            **(
+                dict(
+                    profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True
+                )
+                if profile_dir
+                else {}
+            ),
+        ),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k_pages, v_pages, block_tables, work)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "profile_dir"))
 def paged_prefill(
     q: jax.Array,
     k_pages: jax.Array,
@@ -377,9 +393,12 @@ def paged_prefill(
     *,
     scale: float,
     interpret: bool = False,
+    profile_dir: str | None = None,
 ) -> jax.Array:
     """q: [T, q_heads, D] packed chunks; see `prefill_attention_reference` for the contract.
-    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring)."""
+    `interpret`: run in Pallas's Mosaic GPU interpreter on the CPU (see the module docstring).
+    `profile_dir`: write a Mosaic GPU profiler trace of each call there (the named regions of a
+    step, per warpgroup, in SM clock cycles; `tools/prefill_timeline.py` reads them)."""
     t, _, d = q.shape
     # Table rows are copied with TMA, whose global strides are multiples of 16 bytes.
     tables = block_tables.astype(jnp.int32)
@@ -394,6 +413,14 @@ def paged_prefill(
         q = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
     work = build_work_list(cu_q_lens, seq_lens, t_pad)
     out = _prefill_call(
-        q, k_pages, v_pages, tables, work, scale=scale, cfg=cfg, interpret=interpret
+        q,
+        k_pages,
+        v_pages,
+        tables,
+        work,
+        scale=scale,
+        cfg=cfg,
+        interpret=interpret,
+        profile_dir=profile_dir,
     )
     return out[:t]

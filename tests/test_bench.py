@@ -444,3 +444,36 @@ def test_kernels_decode_inputs_of_an_8bit_cache():
         values = x["k"].astype(jnp.float32) * x["scales"]["k_scale"][0]
         assert 0.8 < float(jnp.std(values)) < 1.2
     assert wide["scales"] == {}
+
+
+def test_prefill_timeline_summary_of_a_trace():
+    """`tools/prefill_timeline.py` reads a Mosaic GPU profiler trace: per warpgroup (3 traces per
+    CTA) the median cycles of each named region, and the step period between softmax starts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "tools" / "prefill_timeline.py"
+    spec = importlib.util.spec_from_file_location("prefill_timeline", path)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+
+    def region(tid, name, start, cycles):  # trace times are cycles / 1000
+        return [
+            {"tid": tid, "name": f"jit/{name}", "ph": "B", "ts": start / 1e3},
+            {"tid": tid, "name": f"jit/{name}", "ph": "E", "ts": (start + cycles) / 1e3},
+        ]
+
+    events = []
+    for cta in range(2):
+        for wg in range(2):
+            tid = 1 + 3 * cta + wg
+            for step in range(3):
+                t = 4000 * step + 100 * wg
+                events += region(tid, "qk", t, 700) + region(tid, "softmax", t + 700, 1500)
+                events += region(tid, "pv", t + 2200, 600 + 100 * wg)
+    s = timeline.summarize(events, head_dim=128)
+    assert s["median_cycles"]["wg0"] == pytest.approx({"pv": 600, "qk": 700, "softmax": 1500})
+    assert s["median_cycles"]["wg1"]["pv"] == pytest.approx(700)
+    assert s["step_period_cycles"] == pytest.approx(4000)
+    assert s["tensor_core_cycles_per_step"] == 2048  # 2 warpgroups x 2 matmuls of 64x128x128
+    assert s["tensor_core_busy"] == pytest.approx(2048 / 4000)
