@@ -13,15 +13,11 @@ import jax.numpy as jnp
 QUANTIZED_KV = tuple(jnp.dtype(t) for t in (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2))
 
 
-def is_quantized(pages: jax.Array) -> bool:
-    return jnp.dtype(pages.dtype).itemsize == 1
-
-
 def kv_scales(k_pages: jax.Array, k_scale, v_scale) -> jax.Array | None:
     """[2, kv_heads] f32: K's and V's scales of an 8-bit cache (defaults 1); None for a 16-bit
     cache, which takes none."""
     hkv = k_pages.shape[0]
-    if not is_quantized(k_pages):
+    if jnp.dtype(k_pages.dtype).itemsize != 1:
         if k_scale is not None or v_scale is not None:
             raise ValueError(f"k_scale / v_scale: only for an 8-bit cache, not {k_pages.dtype}")
         return None

@@ -512,55 +512,6 @@ def test_mosaic_kernels_lower_for_cuda() -> None:
     prefill.trace(q, kv, kv, tables, lens, cu).lower(lowering_platforms=("cuda",))
 
 
-# --- the Mosaic GPU prefill kernel in Pallas's Mosaic GPU interpreter (every platform) -----------
-@pytest.mark.parametrize(
-    ("q_lens", "cached", "group", "head_dim", "page", "pad", "dtype"),
-    [
-        ([300, 1, 77], [0, 40, 9], 4, 128, 16, 11, jnp.bfloat16),  # prefixes end mid-page
-        ([130, 0, 64], [250, 0, 0], 1, 64, 32, 0, jnp.float16),  # an empty row, group 1
-        ([5], [0], 8, 64, 8, 2, jnp.bfloat16),  # fewer tokens than one tile, page 8
-    ],
-)
-def test_mosaic_prefill_interpreted_matches_reference(
-    q_lens: list[int],
-    cached: list[int],
-    group: int,
-    head_dim: int,
-    page: int,
-    pad: int,
-    dtype: jnp.dtype,
-) -> None:
-    """The prefill kernel's work list, ping-pong, page copies, causal masking and row-exact stores,
-    run on the CPU by the interpreter (which fills unwritten memory with NaN)."""
-
-    def run(q, k, v, positions, tables, seq_lens, cu, scale):
-        return _mosaic_prefill.paged_prefill(
-            q, k, v, tables, seq_lens, cu, scale=scale, interpret=True
-        )
-
-    check_prefill(q_lens, cached, group, head_dim, page, pad, dtype, run)
-
-
-def check_prefill(q_lens, cached, group, head_dim, page, pad, dtype, run) -> None:
-    """`run(q, k, v, positions, tables, seq_lens, cu_q_lens, scale)` against the reference twin on
-    fresh random inputs (2 KV heads); padding tokens must come out as zeros."""
-    rng = np.random.default_rng(sum(q_lens) + page)
-    hkv = 2
-    q, positions, cu, case = prefill_inputs(
-        rng, q_lens, cached, hkv * group, hkv, head_dim, page, pad
-    )
-    k, v, tables, seq_lens = _device_cache(case, dtype)
-    pos, cu = jnp.asarray(positions), jnp.asarray(cu)
-    q = jnp.asarray(q, dtype)
-    scale = head_dim**-0.5
-    out = np.asarray(run(q, k, v, pos, tables, seq_lens, cu, scale).astype(jnp.float32))
-    ref = flash_attention.prefill_attention_reference(
-        q, k, v, pos, tables, seq_lens, cu, scale=scale
-    )
-    assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
-    assert np.all(out[int(cu[-1]) :] == 0.0), "padding tokens must produce zeros"
-
-
 # --- the Mosaic GPU decode kernel in Pallas's Mosaic GPU interpreter (every platform) ------------
 
 
@@ -986,15 +937,30 @@ def test_mosaic_decode_write_matches_reference(
     check_decode_write(lens, run(*args), ref, k_want, v_want, query_tokens)
 
 
-@hopper
+def _on_hopper(*case) -> object:
+    return pytest.param(
+        *case,
+        True,
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU"),
+        ],
+    )
+
+
 @pytest.mark.parametrize(
-    ("q_lens", "cached", "group", "head_dim", "page", "pad", "dtype"),
+    ("q_lens", "cached", "group", "head_dim", "page", "pad", "dtype", "gpu"),
     [
-        ([300, 1, 77], [0, 40, 9], 4, 128, 16, 11, jnp.bfloat16),  # prefixes end mid-page
-        ([1000, 0, 130], [500, 0, 0], 8, 128, 64, 0, jnp.float16),  # an empty row
-        ([64, 257], [3000, 129], 1, 64, 16, 3, jnp.bfloat16),
-        ([5], [0], 4, 128, 8, 2, jnp.bfloat16),  # fewer tokens than one tile
-        ([640, 129, 385, 1], [0, 0, 2000, 7], 4, 128, 16, 5, jnp.bfloat16),  # odd tile counts
+        # In Pallas's Mosaic GPU interpreter, on every platform (unwritten memory is NaN there).
+        ([300, 1, 77], [0, 40, 9], 4, 128, 16, 11, jnp.bfloat16, False),  # prefixes end mid-page
+        ([130, 0, 64], [250, 0, 0], 1, 64, 32, 0, jnp.float16, False),  # an empty row, group 1
+        ([5], [0], 8, 64, 8, 2, jnp.bfloat16, False),  # fewer tokens than one tile, page 8
+        # On the GPU, through the attention interface.
+        _on_hopper([300, 1, 77], [0, 40, 9], 4, 128, 16, 11, jnp.bfloat16),
+        _on_hopper([1000, 0, 130], [500, 0, 0], 8, 128, 64, 0, jnp.float16),  # an empty row
+        _on_hopper([64, 257], [3000, 129], 1, 64, 16, 3, jnp.bfloat16),
+        _on_hopper([5], [0], 4, 128, 8, 2, jnp.bfloat16),  # fewer tokens than one tile
+        _on_hopper([640, 129, 385, 1], [0, 0, 2000, 7], 4, 128, 16, 5, jnp.bfloat16),  # odd tiles
     ],
 )
 def test_mosaic_prefill_matches_reference(
@@ -1005,15 +971,34 @@ def test_mosaic_prefill_matches_reference(
     page: int,
     pad: int,
     dtype: jnp.dtype,
+    gpu: bool,
 ) -> None:
-    def run(q, k, v, positions, tables, seq_lens, cu, scale):
-        def call(q):
-            return flash_attention.prefill_attention(
-                q, k, v, positions, tables, seq_lens, cu, scale=scale, backend="mosaic"
+    """The prefill kernel's work list, ping-pong, page copies, causal masking and row-exact stores
+    against the reference twin on fresh random inputs (2 KV heads); padding tokens give zeros."""
+    rng = np.random.default_rng(sum(q_lens) + page)
+    hkv = 2
+    q, positions, cu, case = prefill_inputs(
+        rng, q_lens, cached, hkv * group, hkv, head_dim, page, pad
+    )
+    k, v, tables, seq_lens = _device_cache(case, dtype)
+    pos, cu = jnp.asarray(positions), jnp.asarray(cu)
+    scale = head_dim**-0.5
+
+    def run(q: jax.Array) -> jax.Array:
+        if not gpu:
+            return _mosaic_prefill.paged_prefill(
+                q, k, v, tables, seq_lens, cu, scale=scale, interpret=True
             )
+        return flash_attention.prefill_attention(
+            q, k, v, pos, tables, seq_lens, cu, scale=scale, backend="mosaic"
+        )
 
-        poison = np.random.default_rng(0).standard_normal(q.shape)
-        call(jnp.asarray(poison, q.dtype))  # leaves wrong values behind
-        return call(q)
-
-    check_prefill(q_lens, cached, group, head_dim, page, pad, dtype, run)
+    if gpu:
+        run(jnp.asarray(rng.standard_normal(q.shape), dtype))  # leaves wrong values behind
+    q = jnp.asarray(q, dtype)
+    out = np.asarray(run(q).astype(jnp.float32))
+    ref = flash_attention.prefill_attention_reference(
+        q, k, v, pos, tables, seq_lens, cu, scale=scale
+    )
+    assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
+    assert np.all(out[int(cu[-1]) :] == 0.0), "padding tokens must produce zeros"

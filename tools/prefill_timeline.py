@@ -77,25 +77,29 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxserve.bench.kernels import PrefillCase, prefill_inputs
     from pallas_kernels import _mosaic_prefill
 
-    b, s, d, page = args.batch, args.seq, args.head_dim, args.page
-    per_seq = -(-s // page)
-    key = jax.random.key(0)
-    q = jax.random.normal(key, (b * s, args.q_heads, d), jnp.bfloat16)
-    pages = jax.random.normal(key, (args.kv_heads, 1 + b * per_seq, page, d), jnp.bfloat16)
-    tables = (1 + jax.random.permutation(key, b * per_seq)).reshape(b, per_seq).astype(jnp.int32)
-    lens = jnp.full((b,), s, jnp.int32)
-    cu = jnp.arange(b + 1, dtype=jnp.int32) * s
+    d = args.head_dim
+    case = PrefillCase(
+        args.batch,
+        args.seq,
+        page=args.page,
+        q_heads=args.q_heads,
+        kv_heads=args.kv_heads,
+        head_dim=d,
+    )
+    x = prefill_inputs(case, jnp.bfloat16, jax.random.key(0))
+    inputs = (x["q"], x["k_pages"], x["v_pages"], x["tables"], x["lens"], x["cu"])
     with tempfile.TemporaryDirectory() as trace_dir:
         run = jax.jit(
             lambda *a: _mosaic_prefill.paged_prefill(*a, scale=d**-0.5, profile_dir=trace_dir)
         )
-        run(q, pages, pages, tables, lens, cu).block_until_ready()  # compiles; traces too
+        run(*inputs).block_until_ready()  # compiles; traces too
         jax.effects_barrier()
         for old in glob.glob(os.path.join(trace_dir, "*")):
             os.remove(old)
-        run(q, pages, pages, tables, lens, cu).block_until_ready()
+        run(*inputs).block_until_ready()
         jax.effects_barrier()
         time.sleep(1)  # the trace is written by a host callback
         (trace,) = glob.glob(os.path.join(trace_dir, "*"))

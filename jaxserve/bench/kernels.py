@@ -222,7 +222,9 @@ def bench_decode(c: DecodeCase, dtype: jnp.dtype, iters: int, ceil: dict[str, fl
     return row
 
 
-def _prefill_inputs(c: PrefillCase, dtype: jnp.dtype, key: jax.Array) -> dict[str, Any]:
+def prefill_inputs(c: PrefillCase, dtype: jnp.dtype, key: jax.Array) -> dict[str, Any]:
+    """Random fresh or chunked prompts of a case: packed queries, a paged cache in random page
+    order with its block tables, lengths and cu_q_lens, and the contiguous K/V cuDNN takes."""
     total = c.prefix + c.chunk
     per_seq = -(-total // c.page)
     num_pages = 1 + c.batch * per_seq
@@ -249,7 +251,7 @@ def _prefill_inputs(c: PrefillCase, dtype: jnp.dtype, key: jax.Array) -> dict[st
 
 
 def bench_prefill(c: PrefillCase, dtype: jnp.dtype, iters: int, ceil: dict[str, float]) -> dict:
-    x = _prefill_inputs(c, dtype, jax.random.key(c.batch * 31 + c.chunk))
+    x = prefill_inputs(c, dtype, jax.random.key(c.batch * 31 + c.chunk))
     scale = c.head_dim**-0.5
     flops = 4 * c.batch * c.q_heads * c.head_dim * (c.chunk * c.prefix + c.chunk**2 / 2)
 
