@@ -335,6 +335,12 @@ def _prefill_call(
                     plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
                     plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
 
+    profile = (
+        dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True)
+        if profile_dir
+        else {}
+    )
+
     def entry(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref):
         kv_tile = plgpu.SMEM((stages, bk, d), dtype, transforms=tiles)
         pl.run_scoped(
@@ -368,16 +374,7 @@ def _prefill_call(
         grid_names=("head", "item"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True,
-            **(
-                dict(
-                    profile_space=PROFILE_EVENTS, profile_dir=profile_dir, profile_bounds_check=True
-                )
-                if profile_dir
-                else {}
-            ),
-        ),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q, k_pages, v_pages, block_tables, work)
 

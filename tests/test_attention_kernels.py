@@ -777,9 +777,16 @@ def test_mosaic_decode_write_8bit_cache_interpreted(
 # --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
 
 
+HOPPER_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU"),
+]
+
+
 def hopper(test: Callable[..., None]) -> Callable[..., None]:
-    test = pytest.mark.gpu(test)
-    return pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU")(test)
+    for mark in HOPPER_ONLY:
+        test = mark(test)
+    return test
 
 
 def _device_cache(
@@ -938,14 +945,7 @@ def test_mosaic_decode_write_matches_reference(
 
 
 def _on_hopper(*case) -> object:
-    return pytest.param(
-        *case,
-        True,
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 (Hopper) GPU"),
-        ],
-    )
+    return pytest.param(*case, True, marks=HOPPER_ONLY)
 
 
 @pytest.mark.parametrize(

@@ -446,9 +446,7 @@ def test_kernels_decode_inputs_of_an_8bit_cache():
     assert wide["scales"] == {}
 
 
-def test_prefill_timeline_summary_of_a_trace():
-    """`tools/prefill_timeline.py` reads a Mosaic GPU profiler trace: per warpgroup (3 traces per
-    CTA) the median cycles of each named region, and the step period between softmax starts."""
+def _timeline_tool():
     import importlib.util
     from pathlib import Path
 
@@ -456,6 +454,13 @@ def test_prefill_timeline_summary_of_a_trace():
     spec = importlib.util.spec_from_file_location("prefill_timeline", path)
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
+    return timeline
+
+
+def test_prefill_timeline_summary_of_a_trace():
+    """`tools/prefill_timeline.py` reads a Mosaic GPU profiler trace: per warpgroup (3 traces per
+    CTA) the median cycles of each named region, and the step period between softmax starts."""
+    timeline = _timeline_tool()
 
     def region(tid, name, start, cycles):  # trace times are cycles / 1000
         return [
@@ -477,3 +482,25 @@ def test_prefill_timeline_summary_of_a_trace():
     assert s["step_period_cycles"] == pytest.approx(4000)
     assert s["tensor_core_cycles_per_step"] == 2048  # 2 warpgroups x 2 matmuls of 64x128x128
     assert s["tensor_core_busy"] == pytest.approx(2048 / 4000)
+
+
+def test_prefill_timeline_waits_for_a_complete_trace(tmp_path):
+    """The trace comes from a host callback: the tool reads it only once it parses, and gives up
+    with a clear error when none comes."""
+    import threading
+
+    timeline = _timeline_tool()
+    trace = tmp_path / "trace.json"
+    trace.write_text('{"traceEvents": [{"tid": 1')  # half written
+
+    def finish():
+        trace.write_text(json.dumps({"traceEvents": [{"tid": 1, "ph": "B"}]}))
+
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    assert timeline._read_trace(str(tmp_path), timeout_s=10) == [{"tid": 1, "ph": "B"}]
+    timer.join()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="no complete profiler trace"):
+        timeline._read_trace(str(empty), timeout_s=0.2)

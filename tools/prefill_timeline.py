@@ -63,6 +63,23 @@ def summarize(events: list[dict], head_dim: int, block_kv: int = 128, rows: int 
     }
 
 
+def _read_trace(trace_dir: str, timeout_s: float) -> list[dict]:
+    """The events of the one trace file in `trace_dir`, once it exists and parses."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        written = glob.glob(os.path.join(trace_dir, "*"))
+        if written:
+            (trace,) = written
+            try:
+                with open(trace) as f:
+                    return json.load(f)["traceEvents"]
+            except json.JSONDecodeError:
+                pass  # still being written
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no complete profiler trace in {trace_dir}")
+        time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=2)
@@ -101,10 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
             os.remove(old)
         run(*inputs).block_until_ready()
         jax.effects_barrier()
-        time.sleep(1)  # the trace is written by a host callback
-        (trace,) = glob.glob(os.path.join(trace_dir, "*"))
-        with open(trace) as f:
-            events = json.load(f)["traceEvents"]
+        # The trace is written by a host callback: wait until it is complete (up to a minute).
+        events = _read_trace(trace_dir, timeout_s=60)
     dev = jax.devices()[0]
     result = {
         "device": dev.device_kind,
