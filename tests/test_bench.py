@@ -446,21 +446,21 @@ def test_kernels_decode_inputs_of_an_8bit_cache():
     assert wide["scales"] == {}
 
 
-def _timeline_tool():
+def _tool(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "tools" / "prefill_timeline.py"
-    spec = importlib.util.spec_from_file_location("prefill_timeline", path)
-    timeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timeline)
-    return timeline
+    path = Path(__file__).parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_prefill_timeline_summary_of_a_trace():
     """`tools/prefill_timeline.py` reads a Mosaic GPU profiler trace: per warpgroup (3 traces per
     CTA) the median cycles of each named region, and the step period between softmax starts."""
-    timeline = _timeline_tool()
+    timeline = _tool("prefill_timeline")
 
     def region(tid, name, start, cycles):  # trace times are cycles / 1000
         return [
@@ -489,7 +489,7 @@ def test_prefill_timeline_waits_for_a_complete_trace(tmp_path):
     with a clear error when none comes."""
     import threading
 
-    timeline = _timeline_tool()
+    timeline = _tool("prefill_timeline")
     trace = tmp_path / "trace.json"
     trace.write_text('{"traceEvents": [{"tid": 1')  # half written
 
@@ -504,3 +504,36 @@ def test_prefill_timeline_waits_for_a_complete_trace(tmp_path):
     empty.mkdir()
     with pytest.raises(RuntimeError, match="no complete profiler trace"):
         timeline._read_trace(str(empty), timeout_s=0.2)
+
+
+# A made-up nvdisasm listing: set-up, then a loop whose body issues a wgmma, arrives on a barrier
+# before its exp2s, and branches back; an inner loop without wgmmas; the exit.
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR19], R5 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24, gsb0 ;
+        /*0040*/                   SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR15], RZ ;
+        /*0050*/                   FFMA R17, R25, 0.5, -R5 ;
+        /*0060*/                   MUFU.EX2 R18, R18 ;
+        /*0070*/                   MUFU.EX2 R21, R21 ;
+        /*0080*/              @!P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0090*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00a0*/               @P0 BRA `(.L_x_2) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_prefill_sass_finds_the_step_loop_and_its_order():
+    """`tools/prefill_sass.py` reads a disassembly: innermost loops that issue wgmmas, their
+    opcode counts, and their barrier, matmul and exp2 instructions in issue order."""
+    sass = _tool("prefill_sass")
+    (loop,) = sass.summarize(SASS)
+    assert loop["start"] == 1 and loop["instructions"] == 8
+    assert loop["counts"]["MUFU.EX2"] == 2 and loop["counts"]["HGMMA.64x128x16.F32.BF16"] == 2
+    assert loop["order"] == (
+        "SYNCS.PHASECHK.TRANS64.TRYWAIT [UR19] | HGMMA.64x128x16.F32.BF16 x2 | "
+        "SYNCS.ARRIVE.TRANS64.A1T0 [UR15] | MUFU.EX2 x2"
+    )
