@@ -139,12 +139,12 @@ def dump_ptx(head_dim: int, page: int, workdir: str) -> str:
     import jax
     import jax.numpy as jnp
 
-    from jaxserve.bench.kernels import PrefillCase, prefill_inputs
+    from jaxserve.bench.kernels import PrefillCase, paged_prefill_args, prefill_inputs
     from pallas_kernels import _mosaic_prefill
 
     case = PrefillCase(2, 1024, page=page, q_heads=16, kv_heads=4, head_dim=head_dim)
     x = prefill_inputs(case, jnp.bfloat16, jax.random.key(0))
-    inputs = (x["q"], x["k_pages"], x["v_pages"], x["tables"], x["lens"], x["cu"])
+    inputs = paged_prefill_args(x)
     _mosaic_prefill.paged_prefill(*inputs, scale=head_dim**-0.5).block_until_ready()
     (ptx,) = glob.glob(os.path.join(workdir, "*.ptx"))
     return ptx

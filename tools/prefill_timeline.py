@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxserve.bench.kernels import PrefillCase, prefill_inputs
+    from jaxserve.bench.kernels import PrefillCase, paged_prefill_args, prefill_inputs
     from pallas_kernels import _mosaic_prefill
 
     d = args.head_dim
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         head_dim=d,
     )
     x = prefill_inputs(case, jnp.bfloat16, jax.random.key(0))
-    inputs = (x["q"], x["k_pages"], x["v_pages"], x["tables"], x["lens"], x["cu"])
+    inputs = paged_prefill_args(x)
     with tempfile.TemporaryDirectory() as trace_dir:
         run = jax.jit(
             lambda *a: _mosaic_prefill.paged_prefill(*a, scale=d**-0.5, profile_dir=trace_dir)

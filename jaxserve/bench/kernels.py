@@ -250,6 +250,12 @@ def prefill_inputs(c: PrefillCase, dtype: jnp.dtype, key: jax.Array) -> dict[str
     }
 
 
+def paged_prefill_args(x: dict[str, Any]) -> tuple[jax.Array, ...]:
+    """The kernel's positional arguments (q, K/V pages, tables, lengths, cu_q_lens) from
+    `prefill_inputs`."""
+    return tuple(x[k] for k in ("q", "k_pages", "v_pages", "tables", "lens", "cu"))
+
+
 def bench_prefill(c: PrefillCase, dtype: jnp.dtype, iters: int, ceil: dict[str, float]) -> dict:
     x = prefill_inputs(c, dtype, jax.random.key(c.batch * 31 + c.chunk))
     scale = c.head_dim**-0.5
@@ -258,7 +264,7 @@ def bench_prefill(c: PrefillCase, dtype: jnp.dtype, iters: int, ceil: dict[str, 
     def mosaic(q, kp, vp, t, n, cu):
         return _mosaic_prefill.paged_prefill(q, kp, vp, t, n, cu, scale=scale)
 
-    args = (x["q"], x["k_pages"], x["v_pages"], x["tables"], x["lens"], x["cu"])
+    args = paged_prefill_args(x)
     out, ms, per_kernel = _timed(mosaic, args, iters)
     kernels_us = {k: 1e3 * v for k, v in per_kernel.items()}
     row: dict[str, Any] = {
