@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import os
 import re
 import shutil
@@ -84,12 +85,7 @@ def order_line(ops: list[str], lines: list[str]) -> str:
             op = f"{op} {m.group(0)}"
         if op.startswith(ORDER_OPS):
             shown.append(op)
-    runs: list[list] = []
-    for op in shown:
-        if runs and runs[-1][0] == op:
-            runs[-1][1] += 1
-        else:
-            runs.append([op, 1])
+    runs = [(op, len(list(run))) for op, run in itertools.groupby(shown)]
     return " | ".join(op if n == 1 else f"{op} x{n}" for op, n in runs)
 
 
