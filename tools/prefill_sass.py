@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ptx", metavar="PATH", help="assemble this PTX instead of compiling")
     p.add_argument("--sass", metavar="PATH", help="read this disassembly instead")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as workdir:
-        if args.sass:
-            with open(args.sass) as f:
-                text = f.read()
-        else:
+    if args.sass:
+        with open(args.sass) as f:
+            text = f.read()
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
             ptx = args.ptx or dump_ptx(args.head_dim, args.page, workdir)
             text = sass_of_ptx(ptx, workdir)
     loops = summarize(text)
