@@ -31,7 +31,7 @@ from jaxserve.config import ModelConfig
 from models import CausalLM, abstract_model
 from models.layers import init_value
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: DenseMLP gate and up projections stored as one [d, 2, f] weight
 MARKER = "jaxserve.json"
 PARAMS_DIR = "params"
 DTYPES = ("bfloat16", "float16", "float32")

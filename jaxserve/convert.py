@@ -229,9 +229,7 @@ def _expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     out = {}
     for name, m in weight_map(cfg).items():
-        shape = shapes["/".join(str(k) for k in m.path)]
-        if m.expert is not None:
-            shape = shape[1:]
+        shape = m.part_shape(shapes["/".join(str(k) for k in m.path)])
         out[name] = shape[::-1] if m.transpose else shape
     return out
 
@@ -289,10 +287,8 @@ def fill_params(
             dst = params
             for k in m.path:
                 dst = dst[k]
-            if m.expert is not None:
-                dst = dst[m.expert]
             # The assignment casts into the preallocated target array; no full-size temporary.
-            dst[...] = arr.T if m.transpose else arr
+            dst[m.part] = arr.T if m.transpose else arr
             bar.update(1)
     return params
 

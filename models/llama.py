@@ -140,12 +140,37 @@ def _apply_layer(graphdef, state, x, positions, rope, kv, meta):
 class WeightMapping:
     """Hugging Face tensor `hf_name` ([out, in] for linear weights) fills the parameter at `path`.
 
-    `transpose`: store its transpose. `expert`: it is slice [expert] of a stacked [E, ...] parameter.
+    `transpose`: store its transpose. `part`: it fills `param[part]` only, e.g. `(e,)` for expert
+    e of a stacked [E, ...] parameter, `(slice(None), 1)` for the up half of a [d, 2, f] gate/up.
     """
 
     path: tuple[str | int, ...]
     transpose: bool = False
-    expert: int | None = None
+    part: tuple[int | slice, ...] = ()
+
+    def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of `param[part]` for a parameter of `shape` (ints drop a dimension)."""
+        for i, index in reversed(list(enumerate(self.part))):
+            if isinstance(index, int):
+                shape = shape[:i] + shape[i + 1 :]
+            elif index != slice(None):
+                raise ValueError(f"part: only whole slices and indices, got {index}")
+        return shape
+
+
+_GATE_UP = {"gate_proj": 0, "up_proj": 1}  # their halves of DenseMLP.gate_up [d, 2, f]
+
+
+def _dense_mlp(hf: str, ours: tuple[str | int, ...]) -> dict[str, WeightMapping]:
+    """The tensors of one `DenseMLP` (`hf`: its Hugging Face prefix, ending in '.')."""
+    m = {
+        f"{hf}{proj}.weight": WeightMapping(
+            (*ours, "gate_up"), transpose=True, part=(slice(None), half)
+        )
+        for proj, half in _GATE_UP.items()
+    }
+    m[f"{hf}down_proj.weight"] = WeightMapping((*ours, "down_proj", "kernel"), transpose=True)
+    return m
 
 
 def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
@@ -173,8 +198,7 @@ def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
                 )
         mlp = (*ours, "mlp")
         if i not in cfg.moe_layers:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                m[f"{hf}mlp.{proj}.weight"] = WeightMapping((*mlp, proj, "kernel"), transpose=True)
+            m |= _dense_mlp(f"{hf}mlp.", mlp)
             continue
         if cfg.model_type == "mixtral":
             moe_prefix, names = (
@@ -189,13 +213,10 @@ def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
         for e in range(cfg.num_experts):
             for hf_proj, proj in names.items():
                 m[f"{hf}{moe_prefix}.experts.{e}.{hf_proj}.weight"] = WeightMapping(
-                    (*mlp, proj), transpose=True, expert=e
+                    (*mlp, proj), transpose=True, part=(e,)
                 )
         if cfg.shared_expert_intermediate_size:
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                m[f"{hf}mlp.shared_expert.{proj}.weight"] = WeightMapping(
-                    (*mlp, "shared_expert", proj, "kernel"), transpose=True
-                )
+            m |= _dense_mlp(f"{hf}mlp.shared_expert.", (*mlp, "shared_expert"))
             m[f"{hf}mlp.shared_expert_gate.weight"] = WeightMapping(
                 (*mlp, "shared_expert_gate", "kernel"), transpose=True
             )

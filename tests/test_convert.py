@@ -60,9 +60,7 @@ def param_of(state: dict[Any, Any], cfg: ModelConfig, hf_name: str) -> np.ndarra
     value = state
     for k in m.path:
         value = value[k]
-    value = np.asarray(value)
-    if m.expert is not None:
-        value = value[m.expert]
+    value = np.asarray(value)[m.part]
     return value.T if m.transpose else value
 
 

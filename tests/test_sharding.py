@@ -52,7 +52,7 @@ def test_tensor_rules_split_whole_heads_and_replicate_what_does_not_divide():
     assert attn["q_proj"]["kernel"] == P(None, "tensor")
     assert attn["k_proj"]["kernel"] == attn["v_proj"]["kernel"] == P(None, "tensor")
     assert attn["o_proj"]["kernel"] == P("tensor", None)
-    assert mlp["gate_proj"]["kernel"] == mlp["up_proj"]["kernel"] == P(None, "tensor")
+    assert mlp["gate_up"] == P(None, None, "tensor")  # each device: its gate and up columns
     assert mlp["down_proj"]["kernel"] == P("tensor", None)
     assert s2["embed_tokens"] == P("tensor", None) and s2["lm_head"] == P(None, "tensor")
     assert s2["norm"]["scale"] == s2["layers"][1]["input_layernorm"]["scale"] == P(None)
@@ -80,6 +80,7 @@ def test_expert_rules_and_what_expert_parallelism_refuses():
     assert moe["down_proj"] == P("expert", "tensor", None)
     assert moe["router"]["kernel"] == P(None, None)
     assert moe["shared_expert"]["down_proj"]["kernel"] == P("tensor", None)
+    assert moe["shared_expert"]["gate_up"] == P(None, None, "tensor")
     # 3 does not divide the MoE MLP (32): those columns stay whole.
     assert specs("qwen2_moe", 3)["layers"][0]["mlp"]["gate_proj"] == P(None, None, None)
     with pytest.raises(ValueError, match="^expert_parallel_size: 2, but LlamaForCausalLM"):
@@ -293,6 +294,7 @@ def _assert_layout(engine, cfg: ModelConfig, tp: int, ep: int) -> None:
         assert shard_shape(mlp["gate_proj"]) == (e // ep, d, f // tp)
         assert shard_shape(mlp["down_proj"]) == (e // ep, f // tp, d)
     else:
+        assert shard_shape(mlp["gate_up"]) == (d, 2, cfg.intermediate_size // tp)
         assert shard_shape(mlp["down_proj"]["kernel"]) == (cfg.intermediate_size // tp, d)
     # In all: the replicated arrays whole, every other one split N ways (≈ 1/N of the model).
     leaves = jax.tree.leaves(state)

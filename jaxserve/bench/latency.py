@@ -151,6 +151,13 @@ def measure_ceilings(dtype_option: str | None) -> dict[str, Any]:
 
 
 # ---- accounting ---------------------------------------------------------------------------------
+_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # `models.moe.MoE`'s own parameters
+
+
+def _key(k: Any) -> str:
+    return str(getattr(k, "key", k))
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """Bytes and FLOPs of the model's steps, from its actual parameters.
@@ -188,12 +195,22 @@ class ModelCost:
         sizes = {"dense": 0, "head": 0, "expert": 0, "embedding": 0}
         params = {"dense": 0, "head": 0, "expert": 0}
         for path, x in jax.tree.leaves_with_path(nnx.to_pure_dict(state)):
-            top = str(getattr(path[0], "key", path[0]))
+            top = _key(path[0])
             if top == "embed_tokens":
                 kind = "head" if m.tie_word_embeddings else "embedding"
             elif top == "lm_head":
                 kind = "head"
-            elif x.ndim == 3:  # stacked [experts, in, out] weights of an MoE block
+            elif (
+                x.ndim == 3
+                and m.is_moe
+                and x.shape[0] == m.num_experts
+                and _key(path[-1])
+                in (
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                )
+            ):  # stacked [experts, in, out] weights of an MoE block
                 kind = "expert"
             else:
                 kind = "dense"
