@@ -44,7 +44,7 @@ from jaxserve.config import ModelConfig, UnsupportedModelError
 from jaxserve.convert import add_subcommand, convert
 from jaxserve.default_model import cache_dir, resolve_model
 from jaxserve.gguf import gguf_source
-from models import abstract_model, weight_map
+from models import WeightMapping, abstract_model, weight_map
 from models.layers import rope_inv_freq
 
 HF = Path(__file__).parent / "fixtures" / "hf"
@@ -62,6 +62,14 @@ def param_of(state: dict[Any, Any], cfg: ModelConfig, hf_name: str) -> np.ndarra
         value = value[k]
     value = np.asarray(value)[m.part]
     return value.T if m.transpose else value
+
+
+def test_weight_mapping_parts() -> None:
+    # An expert of a stacked [E, in, out] weight; the up half of a dense MLP's [d, 2, f] gate_up.
+    assert WeightMapping(("w",), part=(3,)).part_shape((4, 5, 6)) == (5, 6)
+    assert WeightMapping(("w",), part=(slice(None), 1)).part_shape((5, 2, 6)) == (5, 6)
+    with pytest.raises(ValueError, match="part: only whole slices"):
+        WeightMapping(("w",), part=(slice(0, 2),)).part_shape((4,))
 
 
 def assert_model_holds(path: Path, expected: dict[str, np.ndarray], dtype: str = "float32") -> None:
@@ -724,8 +732,9 @@ def test_resolve_converts_once_and_reuses(tmp_path: Path, monkeypatch: pytest.Mo
     assert resolve_model(str(gguf_path), cache) == first
     assert resolve_model(str(first), cache) == first  # a converted directory is used as is
     meta = json.loads((first / MARKER).read_text())
-    (first / MARKER).write_text(json.dumps(meta | {"format_version": 0}))
-    with pytest.raises(CheckpointError, match="format_version 0"):
+    # A directory of the previous format (separate gate and up weights) is refused by name.
+    (first / MARKER).write_text(json.dumps(meta | {"format_version": 1}))
+    with pytest.raises(CheckpointError, match=r"format_version 1, .*convert the model again"):
         resolve_model(str(first), cache)
 
 
