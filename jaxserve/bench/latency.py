@@ -200,17 +200,7 @@ class ModelCost:
                 kind = "head" if m.tie_word_embeddings else "embedding"
             elif top == "lm_head":
                 kind = "head"
-            elif (
-                x.ndim == 3
-                and m.is_moe
-                and x.shape[0] == m.num_experts
-                and _key(path[-1])
-                in (
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                )
-            ):  # stacked [experts, in, out] weights of an MoE block
+            elif x.ndim == 3 and _key(path[-1]) in _EXPERT_WEIGHTS:  # stacked [E, in, out]
                 kind = "expert"
             else:
                 kind = "dense"
