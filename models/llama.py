@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
-from models.moe import DenseMLP, MoE
+from models.moe import EXPERT_WEIGHTS, DenseMLP, MoE
 from pallas_kernels.attention import AttentionMetadata, attention
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: [kv_heads, num_pages, page_size, head_dim]
@@ -206,7 +206,7 @@ def weight_map(cfg: ModelConfig) -> dict[str, WeightMapping]:
                 {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
             )
         else:
-            moe_prefix, names = "mlp", {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+            moe_prefix, names = "mlp", {p: p for p in EXPERT_WEIGHTS}
         m[f"{hf}{moe_prefix}.gate.weight"] = WeightMapping(
             (*mlp, "router", "kernel"), transpose=True
         )

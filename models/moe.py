@@ -48,6 +48,9 @@ class DenseMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(y[..., 0, :]) * y[..., 1, :])
 
 
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # `MoE`'s stacked [E, in, out] parameters
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts

@@ -151,9 +151,6 @@ def measure_ceilings(dtype_option: str | None) -> dict[str, Any]:
 
 
 # ---- accounting ---------------------------------------------------------------------------------
-_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # `models.moe.MoE`'s own parameters
-
-
 def _key(k: Any) -> str:
     return str(getattr(k, "key", k))
 
@@ -192,6 +189,8 @@ class ModelCost:
         import jax.numpy as jnp
         from flax import nnx
 
+        from models.moe import EXPERT_WEIGHTS
+
         sizes = {"dense": 0, "head": 0, "expert": 0, "embedding": 0}
         params = {"dense": 0, "head": 0, "expert": 0}
         for path, x in jax.tree.leaves_with_path(nnx.to_pure_dict(state)):
@@ -200,7 +199,7 @@ class ModelCost:
                 kind = "head" if m.tie_word_embeddings else "embedding"
             elif top == "lm_head":
                 kind = "head"
-            elif x.ndim == 3 and _key(path[-1]) in _EXPERT_WEIGHTS:  # stacked [E, in, out]
+            elif x.ndim == 3 and _key(path[-1]) in EXPERT_WEIGHTS:  # stacked [E, in, out]
                 kind = "expert"
             else:
                 kind = "dense"
