@@ -284,11 +284,8 @@ def fill_params(
             if _ignored(name, cfg):
                 continue
             m = wmap[name]
-            dst = params
-            for k in m.path:
-                dst = dst[k]
             # The assignment casts into the preallocated target array; no full-size temporary.
-            dst[m.part] = arr.T if m.transpose else arr
+            m.param(params)[m.part] = arr.T if m.transpose else arr
             bar.update(1)
     return params
 

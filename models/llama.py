@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,12 @@ class WeightMapping:
     path: tuple[str | int, ...]
     transpose: bool = False
     part: tuple[int | slice, ...] = ()
+
+    def param(self, tree: Any) -> Any:
+        """The parameter at `path` in a (nested dict) tree of parameters."""
+        for k in self.path:
+            tree = tree[k]
+        return tree
 
     def part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of `param[part]` for a parameter of `shape` (ints drop a dimension)."""

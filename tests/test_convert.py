@@ -57,10 +57,7 @@ def copy_fixture(variant: str, dst: Path) -> Path:
 def param_of(state: dict[Any, Any], cfg: ModelConfig, hf_name: str) -> np.ndarray:
     """The parameter slice that Hugging Face tensor `hf_name` fills, in Hugging Face layout."""
     m = weight_map(cfg)[hf_name]
-    value = state
-    for k in m.path:
-        value = value[k]
-    value = np.asarray(value)[m.part]
+    value = np.asarray(m.param(state))[m.part]
     return value.T if m.transpose else value
 
 

@@ -73,10 +73,7 @@ def test_float32_conversion_is_bit_exact(variant: str, converted: dict[str, Path
     state = nnx.to_pure_dict(nnx.state(model))
     source = load_file(HF / variant / "model.safetensors")
     for name, m in weight_map(cfg).items():
-        value = state
-        for k in m.path:
-            value = value[k]
-        value = np.asarray(value)[m.part]
+        value = np.asarray(m.param(state))[m.part]
         want = source[name].T if m.transpose else source[name]
         assert value.dtype == np.float32 and np.array_equal(value, want), name
 
