@@ -221,15 +221,10 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def _expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {
-        "/".join(str(getattr(k, "key", k)) for k in p): tuple(s.shape)
-        for p, s in jax.tree.leaves_with_path(
-            nnx.to_pure_dict(nnx.state(abstract_model(cfg, jnp.float32)))
-        )
-    }
+    params = nnx.to_pure_dict(nnx.state(abstract_model(cfg, jnp.float32)))
     out = {}
     for name, m in weight_map(cfg).items():
-        shape = m.part_shape(shapes["/".join(str(k) for k in m.path)])
+        shape = m.part_shape(tuple(m.param(params).shape))
         out[name] = shape[::-1] if m.transpose else shape
     return out
 
