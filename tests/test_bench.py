@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.bench import latency, parse_range, random_prompt, sample_workload, shapes
+from jaxserve.bench import (
+    kernel_profile,
+    latency,
+    parse_range,
+    random_prompt,
+    sample_workload,
+    shapes,
+)
 from jaxserve.bench.__main__ import build_parser, main
 from jaxserve.bench.latency import ModelCost
 from jaxserve.bench.serve import (
@@ -292,9 +299,10 @@ def test_latency_mode(tmp_path, decode_steps):
 
 def test_kernel_profile_summary():
     launches = [("gemm", 0.004), ("norm", 0.001), ("gemm", 0.004), ("attn", 0.003), ("norm", 0.001)]
-    p = latency.summarize_kernels(launches, tokens=2)
+    p = kernel_profile.summarize(launches, tokens=2)
     assert p["output_tokens"] == 2
     assert p["kernel_us_per_token"] == pytest.approx(6.5)  # 13 us of kernels over 2 tokens
+    assert p["kernel_s"] == pytest.approx(13e-6)
     assert p["launches_per_token"] == 2.5
     assert [k["name"] for k in p["kernels"]] == ["gemm", "attn", "norm"]
     gemm = p["kernels"][0]
@@ -321,17 +329,19 @@ class FakeCupti:
 def test_kernel_profile_wraps_one_batch():
     trace = latency.BatchTrace(first_token=[], last_token=[], output_tokens=[3, 1])
     ext = FakeCupti([("gemm", 0.004), ("norm", 0.004)])
-    p = latency.kernel_profile(ext, lambda: trace)
+    p = kernel_profile.profile(ext, lambda: trace)
     assert ext.calls == ["init", ("get", True)]
     assert p["output_tokens"] == 4 and p["kernel_us_per_token"] == pytest.approx(2.0)
+    assert p["wall_s"] >= 0.0
     # Nothing recorded: no profile rather than one of zeros.
-    assert latency.kernel_profile(FakeCupti([]), lambda: trace) is None
+    assert kernel_profile.profile(FakeCupti([]), lambda: trace) is None
 
 
 @pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the refusal off GPUs")
-def test_kernel_profile_needs_a_gpu(tmp_path, capsys):
-    path = tmp_path / "latency.json"
-    assert main(["latency", *TINY, "--kernel-profile", "--json", str(path)]) == 2
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_kernel_profile_needs_a_gpu(tmp_path, capsys, mode):
+    path = tmp_path / f"{mode}.json"
+    assert main([mode, *TINY, "--kernel-profile", "--json", str(path)]) == 2
     assert "kernel_profile: needs an NVIDIA GPU" in capsys.readouterr().err
     assert not path.exists()
 
@@ -359,6 +369,22 @@ def test_throughput_mode(tmp_path):
     for key in ("ttft_ms", "tpot_ms", "e2e_latency_ms"):
         check_summary(r[key], 6)
     assert r["e2e_latency_ms"]["max"] <= r["elapsed_s"] * 1e3
+    steps = r["steps"]
+    assert steps["runs"]["count"] + steps["single"]["count"] == r["num_steps"]
+    assert 0 < steps["runs"]["seconds"] + steps["single"]["seconds"] <= r["elapsed_s"]
+
+
+def test_throughput_kernel_profile_reruns_the_workload(tmp_path, monkeypatch):
+    """The profile is of a second run of the same lengths, under the (here: fake) CUPTI hooks."""
+    ext = FakeCupti([("gemm", 0.004), ("attn", 0.002)])
+    monkeypatch.setattr(kernel_profile, "cupti", lambda: ext)
+    lens = ("--input-len", "6", "--output-len", "5")
+    d = run_cli(tmp_path, "throughput", "--num-requests", "3", *lens, "--kernel-profile")
+    assert ext.calls == ["init", ("get", True)]
+    p = d["kernel_profile"]
+    assert p["output_tokens"] == d["results"]["total_output_tokens"]
+    assert p["kernel_s"] == pytest.approx(6e-6) and p["wall_s"] > 0.0
+    assert [k["name"] for k in p["kernels"]] == ["gemm", "attn"]
 
 
 def test_serve_mode_against_its_own_server(tmp_path, capsys):

@@ -18,15 +18,12 @@ FLOP/s utilisation: 2 FLOPs per matmul weight per token (top-k experts only) plu
 decode steps; prefill counts the batch's prompts over the time until its last first token.
 
 `--kernel-profile` (NVIDIA GPUs): one more batch after the timed ones, with CUPTI recording every
-kernel the GPUs run; each kernel name's time and launches per output token (prefill included;
-summed over the devices of a sharded model), so what bounds a number can be read off the run
-that produced it.
+kernel the GPUs run (`jaxserve.bench.kernel_profile`).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +37,7 @@ from jaxserve.bench import (
     add_common_args,
     build_engine,
     check_positive,
+    kernel_profile,
     num_model_devices,
     random_prompt,
     report,
@@ -48,7 +46,6 @@ from jaxserve.bench import (
 if TYPE_CHECKING:
     from jaxserve.config import ModelConfig
 
-log = logging.getLogger(__name__)
 
 # Ceiling measurements: buffer sizes well above any cache (the H100's L2 is 50 MB), smaller on CPU
 # where the point is only that the arithmetic runs.
@@ -56,7 +53,6 @@ BANDWIDTH_BYTES = {"gpu": 1 << 30, "cpu": 32 << 20}
 MATMUL_N = {"gpu": 8192, "cpu": 256}
 CEILING_REPEATS = 10
 CEILING_CHAIN = 4
-KERNEL_ROWS_SHOWN = 20
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,11 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--num-iters", type=int, default=5, help="timed batches")
     g.add_argument("--warmup-iters", type=int, default=1, help="untimed batches first")
-    g.add_argument(
-        "--kernel-profile",
-        action="store_true",
-        help="then one batch under CUPTI: every GPU kernel's time per output token (NVIDIA GPUs)",
-    )
+    kernel_profile.add_argument(g, "one batch")
     return p
 
 
@@ -339,62 +331,6 @@ def run_batch(llm: Any, prompts: list[list[int]], params: Any, tag: str) -> Batc
     return trace
 
 
-# ---- kernel profile -----------------------------------------------------------------------------
-def _cupti() -> Any:
-    """jaxlib's CUPTI hooks (those `jax.experimental.mosaic.gpu.profiler` uses), on NVIDIA GPUs."""
-    import jax
-
-    if jax.devices()[0].platform != "gpu":
-        raise ValueError(
-            f"kernel_profile: needs an NVIDIA GPU (CUPTI), found {jax.devices()[0].platform}"
-        )
-    try:
-        from jax._src.lib import mosaic_gpu
-    except ImportError as e:
-        raise ValueError(f"kernel_profile: jaxlib has no CUPTI hooks here ({e})") from e
-    return mosaic_gpu._mosaic_gpu_ext
-
-
-def kernel_profile(ext: Any, run: Callable[[], BatchTrace]) -> dict[str, Any] | None:
-    """Run one batch with CUPTI (`_cupti()`) recording every kernel launch; its
-    `summarize_kernels`, or None (with a warning) when CUPTI recorded nothing."""
-    ext._cupti_init()
-    try:
-        trace = run()
-    finally:
-        timings = ext._cupti_get_timings(True)
-    if not timings:
-        log.warning("kernel_profile: CUPTI recorded no kernel launches; no profile reported")
-        return None
-    return summarize_kernels(timings, sum(trace.output_tokens))
-
-
-def summarize_kernels(timings: list[tuple[str, float]], tokens: int) -> dict[str, Any]:
-    """(kernel name, ms) launches → per name, microseconds and launches per output token, the
-    share of all kernel time; largest first."""
-    total: dict[str, float] = {}
-    launches: dict[str, int] = {}
-    for name, ms in timings:
-        total[name] = total.get(name, 0.0) + ms
-        launches[name] = launches.get(name, 0) + 1
-    all_ms = sum(total.values())
-    kernels = [
-        {
-            "name": name,
-            "us_per_token": 1e3 * ms / tokens,
-            "launches_per_token": launches[name] / tokens,
-            "share": ms / all_ms if all_ms else 0.0,
-        }
-        for name, ms in sorted(total.items(), key=lambda kv: -kv[1])
-    ]
-    return {
-        "output_tokens": tokens,
-        "kernel_us_per_token": 1e3 * all_ms / tokens,
-        "launches_per_token": len(timings) / tokens,
-        "kernels": kernels,
-    }
-
-
 # ---- figures ------------------------------------------------------------------------------------
 def figures(
     traces: list[BatchTrace],
@@ -469,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"output_len: TPOT needs at least 2 output tokens, got {args.output_len}")
     if args.warmup_iters < 0:
         raise ValueError(f"warmup_iters: must be >= 0, got {args.warmup_iters}")
-    cupti = _cupti() if args.kernel_profile else None  # refuse before loading anything
+    cupti = kernel_profile.cupti() if args.kernel_profile else None
     env = report.environment()
     ceilings = measure_ceilings(args.dtype)
     t = time.perf_counter()
@@ -520,7 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compilations_while_timed": compiles.to_dict(),
     }
     if cupti is not None:
-        result["kernel_profile"] = kernel_profile(cupti, lambda: batch("profile"))
+        result["kernel_profile"] = kernel_profile.profile(cupti, lambda: batch("profile"))
     print_summary(result)
     return result
 
@@ -557,17 +493,6 @@ def print_summary(result: dict[str, Any]) -> None:
     ]
     report.print_table("jaxserve bench latency", rows)
     if result.get("kernel_profile"):
-        prof = result["kernel_profile"]
-        head = [
-            ("all kernels", f"{prof['kernel_us_per_token']:.1f} us/token"),
-            ("launches", f"{prof['launches_per_token']:.1f} per token"),
-        ]
-        top = [
-            (
-                k["name"][:48],
-                f"{k['us_per_token']:8.1f} us/token  x{k['launches_per_token']:5.1f}"
-                f"  {100 * k['share']:4.1f}%",
-            )
-            for k in prof["kernels"][:KERNEL_ROWS_SHOWN]
-        ]
-        report.print_table("kernel profile (per output token, prefill included)", head + top)
+        kernel_profile.print_profile(
+            result["kernel_profile"], "kernel profile (per output token, prefill included)"
+        )

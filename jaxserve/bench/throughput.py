@@ -4,6 +4,8 @@ Owns the offline-throughput figures: output, total and request throughput over t
 the first submission to the last token, preemptions, TTFT / TPOT / end-to-end latency of the
 requests, and how full the batch and the KV cache were. Request lengths come from
 `jaxserve.bench.sample_workload` (fixed, uniform ranges or ShareGPT-like synthetic).
+`--kernel-profile` (NVIDIA GPUs) runs the workload once more, on new prompts of the same lengths,
+with CUPTI recording every kernel (`jaxserve.bench.kernel_profile`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jaxserve.bench import (
     add_workload_args,
     build_engine,
     check_positive,
+    kernel_profile,
     random_prompt,
     report,
     sample_workload,
@@ -38,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_common_args(p)
     add_workload_args(p)
+    kernel_profile.add_argument(p.add_argument_group("profile"), "the whole workload once more")
     return p
 
 
@@ -53,6 +57,9 @@ class RunTrace:
     preemptions: int = 0
     running: list[int] = field(default_factory=list)  # sequences running after each step
     kv_usage: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)  # wall time of each `step()`
+    # Whether the step returned a multi-step run's tokens (some request got more than one).
+    step_is_run: list[bool] = field(default_factory=list)
 
 
 def run_all(
@@ -72,12 +79,16 @@ def run_all(
         llm.add_request(f"tp-{i}", prompt, params)
     with tqdm(total=n, desc="throughput", unit="req", disable=None) as bar:
         while llm.has_unfinished_requests():
+            before = time.perf_counter()
             outputs = llm.step()
             now = time.perf_counter() - t0
+            trace.step_s.append(now + t0 - before)
             trace.num_steps += 1
+            most = 0
             for out in outputs:
                 i = int(out.request_id[3:])
                 k = sum(len(c.token_ids) for c in out.outputs)
+                most = max(most, k)
                 if k:
                     trace.output_tokens[i] += k
                     if trace.first_token[i] is None:
@@ -85,6 +96,7 @@ def run_all(
                     trace.last_token[i] = now
                 if out.finished:
                     bar.update(1)
+            trace.step_is_run.append(most > 1)
             stats = llm.stats()
             trace.running.append(stats["num_running"])
             trace.kv_usage.append(stats["kv_usage"])
@@ -119,6 +131,7 @@ def figures(trace: RunTrace, workload: Workload, shared_prefix_len: int = 0) -> 
         "tpot_ms": report.summarize(tpot, 1e3),
         "e2e_latency_ms": report.summarize(trace.last_token, 1e3),
         "num_steps": trace.num_steps,
+        "steps": step_figures(trace),
         "mean_running_seqs": float(np.mean(trace.running)) if trace.running else None,
         "peak_kv_usage": max(trace.kv_usage, default=None),
         "input_len": report.summarize(workload.input_lens),
@@ -126,8 +139,21 @@ def figures(trace: RunTrace, workload: Workload, shared_prefix_len: int = 0) -> 
     }
 
 
+def step_figures(trace: RunTrace) -> dict[str, Any]:
+    """Engine steps split into those that returned multi-step decode runs and the single
+    iterations (prompt chunks with one decode token for each running sequence): how many, and
+    the wall time spent in each kind's `step()` calls. (A run's device time overlaps the host
+    work of the step before it, so it is read back, and counted, where it ends.)"""
+    out = {}
+    for kind, is_run in (("runs", True), ("single", False)):
+        times = [t for t, r in zip(trace.step_s, trace.step_is_run, strict=True) if r == is_run]
+        out[kind] = {"count": len(times), "seconds": float(sum(times))}
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     check_positive(num_requests=args.num_requests)
+    cupti = kernel_profile.cupti() if args.kernel_profile else None
     env = report.environment()
     t = time.perf_counter()
     llm = build_engine(args, min_model_len=workload_model_len(args))
@@ -139,9 +165,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.shared_prefix_len < 0:
         raise ValueError(f"shared_prefix_len: must be >= 0, got {args.shared_prefix_len}")
     prefix = random_prompt(rng, args.shared_prefix_len, vocab)
-    prompts = [prefix + random_prompt(rng, n, vocab) for n in workload.input_lens]
+
+    def prompts() -> list[list[int]]:  # new ones each run: the prefix cache keeps the last
+        return [prefix + random_prompt(rng, n, vocab) for n in workload.input_lens]
+
     with report.CompileCounter() as compiles:
-        trace = run_all(llm, prompts, workload.output_lens, args.temperature)
+        trace = run_all(llm, prompts(), workload.output_lens, args.temperature)
     result = {
         **report.metadata(args, "throughput", env),
         "model": report.describe_model(llm, args),
@@ -159,6 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "compilations_while_timed": compiles.to_dict(),
     }
+    if cupti is not None:
+        result["kernel_profile"] = kernel_profile.profile(
+            cupti, lambda: run_all(llm, prompts(), workload.output_lens, args.temperature)
+        )
     print_summary(result)
     return result
 
@@ -185,8 +218,15 @@ def print_summary(result: dict[str, Any]) -> None:
         ("TTFT ms", report.fmt_summary(r["ttft_ms"], ("mean", "p50", "p99"))),
         ("TPOT ms", report.fmt_summary(r["tpot_ms"], ("mean", "p50", "p99"))),
         ("preemptions", report.fmt(r["preemptions"])),
+        (
+            "steps: runs / single",
+            f"{r['steps']['runs']['count']} in {r['steps']['runs']['seconds']:.2f} s / "
+            f"{r['steps']['single']['count']} in {r['steps']['single']['seconds']:.2f} s",
+        ),
         ("mean running seqs", report.fmt(r["mean_running_seqs"])),
         ("peak KV usage", report.fmt(r["peak_kv_usage"], 3)),
         report.compile_row(result["compilations_while_timed"]),
     ]
     report.print_table("jaxserve bench throughput", rows)
+    if result.get("kernel_profile"):
+        kernel_profile.print_profile(result["kernel_profile"], "kernel profile (per output token)")
