@@ -195,6 +195,14 @@ def _decode_call(
         raise ValueError("scales (and new_kv to write): for an 8-bit cache only")
     lse_rows = group % 4 == 0  # see `_out_type`
     pages_per_step = block // page_size
+    # The new K/V rows, one per query token, each copied to its page on its own: a bulk copy's
+    # shared-memory side starts on 128 bytes, so a row of fewer (8-bit at head_dim 64) is
+    # padded to them.
+    row_width = max(d, 128 // kv_dtype.itemsize)
+
+    def new_row(ref, i):
+        return ref.at[pl.ds(i, 1), pl.ds(0, d)]
+
     max_pages = block_tables.shape[1]
     qk_scale = scale * LOG2E  # scores kept in the log2 domain so exp2 is a single FMA + MUFU
 
@@ -421,9 +429,17 @@ def _decode_call(
                 @pl.when(first_split)
                 def _():
                     for src, dst in ((new_k, "k_row"), (new_v, "v_row")):
-                        plgpu.copy_gmem_to_smem(
-                            new_ref.at[pl.ds(tok0, tq), src + kvh], s[dst], s["row_bar"]
-                        )
+                        if row_width == d:
+                            plgpu.copy_gmem_to_smem(
+                                new_ref.at[pl.ds(tok0, tq), src + kvh], s[dst], s["row_bar"]
+                            )
+                            continue
+                        for i in range(tq):  # each into its own 128 bytes
+                            plgpu.copy_gmem_to_smem(
+                                new_ref.at[pl.ds(tok0 + i, 1), src + kvh],
+                                new_row(s[dst], i),
+                                s["row_bar"],
+                            )
 
             def copies(li, slot, name, head, src_head):
                 # A step's K or V: one copy per page, or per page-sized piece of the new tokens'
@@ -480,7 +496,7 @@ def _decode_call(
                         @pl.when(page > 0)  # page 0: padding, dropped
                         def _(i=i, page=page, row=row):
                             for src, dst in (("k_row", k_head), ("v_row", v_head)):
-                                plgpu.copy_smem_to_gmem(s[src].at[pl.ds(i, 1)], dst.at[page, row])
+                                plgpu.copy_smem_to_gmem(new_row(s[src], i), dst.at[page, row])
 
             pl.loop(filled, n_total)(issue)
             if interpret:
@@ -511,9 +527,9 @@ def _decode_call(
         scratch["p"] = plgpu.SMEM((COMPUTE_WGS, M_TILE, block), dtype, transforms=tiles(block))
     if write:
         scratch.update(
-            k_row=plgpu.SMEM((tq, d), kv_dtype),
-            v_row=plgpu.SMEM((tq, d), kv_dtype),
-            row_bar=plgpu.Barrier(num_arrivals=2),
+            k_row=plgpu.SMEM((tq, row_width), kv_dtype),
+            v_row=plgpu.SMEM((tq, row_width), kv_dtype),
+            row_bar=plgpu.Barrier(num_arrivals=2 if row_width == d else 2 * tq),
         )
     if merge:
         scratch.update(

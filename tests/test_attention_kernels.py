@@ -680,12 +680,16 @@ def quantize_pages(pages: jax.Array, scale: np.ndarray, dtype: jnp.dtype) -> jax
     return jnp.moveaxis(q.reshape(n, h, page, d), 1, 0)
 
 
-def check_8bit_decode_write(rng, lens, group, head_dim, page, q_dtype, kv_dtype, run) -> None:
+def check_8bit_decode_write(
+    rng, lens, group, head_dim, page, q_dtype, kv_dtype, run, query_tokens=1
+) -> None:
     """`run(*paged_decode_write args, k_scale, v_scale)` on an 8-bit cache: the new K/V land
     in their slots quantized exactly as the XLA scatter (`write_kv`) stores them, nothing else
-    changes, and the output is the reference twin's over that cache."""
+    changes, and the output is the reference twin's over that cache (several query tokens: a
+    dense oracle's over its dequantized keys and values)."""
+    tq = query_tokens
     q, k_new, v_new, k16, v16, slots, tables, seq_lens = decode_write_case(
-        rng, lens, 2, group, head_dim, page, 1, q_dtype
+        rng, lens, 2, group, head_dim, page, tq, q_dtype
     )[0]
     # Per-head scales: N(0, 1) values over about +-4 sigma for int8, as they are for fp8.
     unit = np.array([4.0, 5.0]) / 127 if kv_dtype == jnp.int8 else np.array([0.5, 1.0])
@@ -697,13 +701,26 @@ def check_8bit_decode_write(rng, lens, group, head_dim, page, q_dtype, kv_dtype,
     np.testing.assert_array_equal(f32(k_got), f32(k_want))
     np.testing.assert_array_equal(f32(v_got), f32(v_want))
     assert not np.array_equal(f32(k_want), f32(k8))  # the new slots did change
-    ref = paged_attention.paged_attention_reference(
-        q, k_want, v_want, tables, seq_lens, scale=0.3, k_scale=k_scale, v_scale=v_scale
-    )
-    assert rel_err(f32(out), f32(ref)) <= 1e-2
+    if tq == 1:
+        ref = f32(
+            paged_attention.paged_attention_reference(
+                q, k_want, v_want, tables, seq_lens, scale=0.3, k_scale=k_scale, v_scale=v_scale
+            )
+        )
+    else:
+        ref = np.zeros_like(f32(q))
+        for b, n in enumerate(lens):
+            pos = np.arange(n)
+            pages = np.asarray(tables)[b, pos // page]
+            ks = (f32(k_want)[:, pages, pos % page] * unit[:, None, None]).swapaxes(0, 1)
+            vs = (f32(v_want)[:, pages, pos % page] * unit[::-1, None, None]).swapaxes(0, 1)
+            rows = slice(b * tq, (b + 1) * tq)
+            if n:
+                ref[rows] = dense_attention(f32(q)[rows], ks, vs, n - tq, 0.3)
+    assert rel_err(f32(out), ref) <= 1e-2
     for b, n in enumerate(lens):
         if n == 0:
-            assert np.all(f32(out)[b] == 0.0)
+            assert np.all(f32(out)[b * tq : (b + 1) * tq] == 0.0)
 
 
 def check_decode_write(lens, outs, ref, k_want, v_want, query_tokens) -> None:
@@ -772,6 +789,21 @@ def test_mosaic_decode_write_8bit_cache_interpreted(
     check_8bit_decode_write(
         np.random.default_rng(sum(lens)), lens, group, head_dim, page, q_dtype, kv_dtype, run
     )
+
+
+@pytest.mark.slow
+def test_mosaic_decode_write_8bit_several_tokens_interpreted() -> None:
+    """Three query tokens per sequence on an int8 cache at head_dim 64 (each new row staged in
+    128 bytes of its own), in the interpreter."""
+
+    def run(*args):
+        *args, k_scale, v_scale = args
+        return _mosaic_decode.paged_decode_write(
+            *args, scale=0.3, query_tokens=3, k_scale=k_scale, v_scale=v_scale, interpret=True
+        )
+
+    rng = np.random.default_rng(5)
+    check_8bit_decode_write(rng, [3, 90, 70, 0], 4, 64, 16, jnp.bfloat16, jnp.int8, run, 3)
 
 
 # --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
@@ -889,6 +921,22 @@ def test_mosaic_decode_write_8bit_cache_matches_reference(
     check_8bit_decode_write(
         np.random.default_rng(len(lens)), lens, group, head_dim, page, q_dtype, kv_dtype, run
     )
+
+
+@hopper
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_mosaic_decode_write_8bit_head_dim_64_several_tokens(kv_dtype) -> None:
+    """An 8-bit row at head_dim 64 is 64 bytes: each new row, copied to its page on its own,
+    must still start on 128 bytes of shared memory (the interpreter does not check it)."""
+
+    def run(*args):
+        *args, k_scale, v_scale = args
+        return _mosaic_decode.paged_decode_write(
+            *args, scale=0.3, query_tokens=3, k_scale=k_scale, v_scale=v_scale
+        )
+
+    rng = np.random.default_rng(5)
+    check_8bit_decode_write(rng, [3, 90, 700, 17], 4, 64, 16, jnp.bfloat16, kv_dtype, run, 3)
 
 
 @hopper
