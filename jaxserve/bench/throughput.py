@@ -81,8 +81,9 @@ def run_all(
         while llm.has_unfinished_requests():
             before = time.perf_counter()
             outputs = llm.step()
-            now = time.perf_counter() - t0
-            trace.step_s.append(now + t0 - before)
+            after = time.perf_counter()
+            now = after - t0
+            trace.step_s.append(after - before)
             trace.num_steps += 1
             most = 0
             for out in outputs:
