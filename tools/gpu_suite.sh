@@ -26,8 +26,10 @@ offline=(--random-weights llama-3-8b --num-requests 2000 --input-len 128 --outpu
 bench throughput_llama-3-8b_2000x128x128 throughput "${offline[@]}"
 bench throughput_llama-3-8b_2000x128x128_seqs512 throughput "${offline[@]}" \
   --max-num-seqs 512 --max-num-batched-tokens 8192
+# The best offline configuration, with its kernel profile (a second run under CUPTI: kernel
+# seconds against wall seconds).
 bench throughput_llama-3-8b_2000x128x128_seqs1024 throughput "${offline[@]}" \
-  --max-num-seqs 1024 --max-num-batched-tokens 16384 --max-prefill-seqs 128
+  --max-num-seqs 1024 --max-num-batched-tokens 16384 --max-prefill-seqs 128 --kernel-profile
 prefix=(--random-weights llama-3-8b --num-requests 64 --input-len 32 --output-len 32
   --shared-prefix-len 1000)
 bench prefix_1000_cache_on throughput "${prefix[@]}"
