@@ -710,13 +710,14 @@ def check_8bit_decode_write(
     else:
         ref = np.zeros_like(f32(q))
         for b, n in enumerate(lens):
+            if not n:
+                continue
             pos = np.arange(n)
             pages = np.asarray(tables)[b, pos // page]
             ks = (f32(k_want)[:, pages, pos % page] * unit[:, None, None]).swapaxes(0, 1)
             vs = (f32(v_want)[:, pages, pos % page] * unit[::-1, None, None]).swapaxes(0, 1)
             rows = slice(b * tq, (b + 1) * tq)
-            if n:
-                ref[rows] = dense_attention(f32(q)[rows], ks, vs, n - tq, 0.3)
+            ref[rows] = dense_attention(f32(q)[rows], ks, vs, n - tq, 0.3)
     assert rel_err(f32(out), ref) <= 1e-2
     for b, n in enumerate(lens):
         if n == 0:
@@ -791,19 +792,24 @@ def test_mosaic_decode_write_8bit_cache_interpreted(
     )
 
 
-@pytest.mark.slow
-def test_mosaic_decode_write_8bit_several_tokens_interpreted() -> None:
-    """Three query tokens per sequence on an int8 cache at head_dim 64 (each new row staged in
-    128 bytes of its own), in the interpreter."""
+def check_8bit_three_tokens_head_dim_64(lens, kv_dtype, interpret: bool) -> None:
+    """`check_8bit_decode_write` with three query tokens per sequence at head_dim 64, where an
+    8-bit row is 64 bytes (each new row is staged in 128 bytes of its own)."""
 
     def run(*args):
         *args, k_scale, v_scale = args
         return _mosaic_decode.paged_decode_write(
-            *args, scale=0.3, query_tokens=3, k_scale=k_scale, v_scale=v_scale, interpret=True
+            *args, scale=0.3, query_tokens=3, k_scale=k_scale, v_scale=v_scale, interpret=interpret
         )
 
     rng = np.random.default_rng(5)
-    check_8bit_decode_write(rng, [3, 90, 70, 0], 4, 64, 16, jnp.bfloat16, jnp.int8, run, 3)
+    check_8bit_decode_write(rng, lens, 4, 64, 16, jnp.bfloat16, kv_dtype, run, 3)
+
+
+@pytest.mark.slow
+def test_mosaic_decode_write_8bit_several_tokens_interpreted() -> None:
+    """Three query tokens per sequence on an int8 cache at head_dim 64, in the interpreter."""
+    check_8bit_three_tokens_head_dim_64([3, 90, 70, 0], jnp.int8, interpret=True)
 
 
 # --- Mosaic GPU kernels against the reference twins (Hopper only) -------------------------------
@@ -928,15 +934,7 @@ def test_mosaic_decode_write_8bit_cache_matches_reference(
 def test_mosaic_decode_write_8bit_head_dim_64_several_tokens(kv_dtype) -> None:
     """An 8-bit row at head_dim 64 is 64 bytes: each new row, copied to its page on its own,
     must still start on 128 bytes of shared memory (the interpreter does not check it)."""
-
-    def run(*args):
-        *args, k_scale, v_scale = args
-        return _mosaic_decode.paged_decode_write(
-            *args, scale=0.3, query_tokens=3, k_scale=k_scale, v_scale=v_scale
-        )
-
-    rng = np.random.default_rng(5)
-    check_8bit_decode_write(rng, [3, 90, 700, 17], 4, 64, 16, jnp.bfloat16, kv_dtype, run, 3)
+    check_8bit_three_tokens_head_dim_64([3, 90, 700, 17], kv_dtype, interpret=False)
 
 
 @hopper
