@@ -378,6 +378,9 @@ class Engine:
         )
         self._carry = jnp.zeros(max(cfg.decode_buckets), jnp.int32, device=self._carry_sharding)
         self._last_run_rows: list[int] = []
+        # Seconds the host has spent blocked on device results (`_read`): near zero while the
+        # host is what bounds the steps, the device's lead over the host otherwise.
+        self.device_wait_s = 0.0
         self.kv: KVCache = [
             (
                 jnp.zeros(shape, self.kv_dtype, device=kv_device),
@@ -695,7 +698,7 @@ class Engine:
 
     def collect_run(self, pending: PendingRun) -> RunResult:
         """Wait for a dispatched run and return each row's tokens (and logprobs)."""
-        out = jax.device_get(pending.out)
+        out = self._read(pending.out)
         result = RunResult()
         rows, row_specs = pending.plan.decode, pending.row_specs
         for i, (r, spec) in enumerate(zip(rows, row_specs, strict=True)):
@@ -804,7 +807,7 @@ class Engine:
         """Wait for a sampling pass: each seq id's token and, when wanted, its logprobs."""
         if sampling.out is None:
             return {}
-        out = jax.device_get(sampling.out)
+        out = self._read(sampling.out)
         res = {}
         for i, sid in enumerate(sampling.seq_ids):
             tok = int(out["tokens"][i])
@@ -826,8 +829,16 @@ class Engine:
         src_arr[: len(src)] = src
         return (src_arr, *_batch_arrays(batch)), _flag_ints(flags)
 
+    def _read(self, out):
+        """`out` on the host, once the device has computed it; the time spent waiting for that
+        counts into `device_wait_s`."""
+        start = time.perf_counter()
+        jax.block_until_ready(out)
+        self.device_wait_s += time.perf_counter() - start
+        return jax.device_get(out)
+
     def _collect_prompt_logprobs(self, rows, prompt_targets, out, result: StepResult) -> None:
-        out = jax.device_get(out)
+        out = self._read(out)
         off = 0
         for r in rows:
             n = len(r.token_ids)

@@ -682,6 +682,7 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "decode_runs_total": self.decode_runs_total,
+            "device_wait_seconds_total": self.engine.device_wait_s,
             # Tokens of admitted prompts and recomputes looked up in the prefix cache / found.
             "prefix_cache_queries_total": sched.prefix_cache_queries,
             "prefix_cache_hits_total": sched.prefix_cache_hits,

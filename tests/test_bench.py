@@ -372,6 +372,8 @@ def test_throughput_mode(tmp_path):
     steps = r["steps"]
     assert steps["runs"]["count"] + steps["single"]["count"] == r["num_steps"]
     assert 0 < steps["runs"]["seconds"] + steps["single"]["seconds"] <= r["elapsed_s"]
+    for kind in ("runs", "single"):
+        assert 0 <= steps[kind]["device_wait_s"] <= steps[kind]["seconds"]
 
 
 def test_throughput_kernel_profile_reruns_the_workload(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -241,6 +243,31 @@ def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_m
     llm.generate(prompts[:2], ids_params(temperature=0.0, max_tokens=12))
     assert compiled == []
     assert llm.engine.stats()["decode_runs_total"] > 0 and chained == [True]
+
+
+def test_time_blocked_on_device_results_is_counted(tiny_model, monkeypatch):
+    """Every read-back of a step's or a run's results counts the time the host waits for the
+    device (`device_wait_seconds_total`), and only that: here each wait is made to last 20 ms."""
+    model = tiny_model()
+    llm = make_llm(model, decode_steps=3)
+    prompts = random_prompts(model.cfg.vocab_size, [4, 9], seed=2)
+    greedy = ids_params(temperature=0.0, max_tokens=7)
+    llm.generate(prompts, greedy)  # compiles
+    reads = []
+    block = jax.block_until_ready
+
+    def slow_block(x):
+        time.sleep(0.02)
+        reads.append(1)
+        return block(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", slow_block)
+    before = llm.engine.stats()["device_wait_seconds_total"]
+    start = time.perf_counter()
+    llm.generate(prompts, greedy)
+    wall = time.perf_counter() - start
+    waited = llm.engine.stats()["device_wait_seconds_total"] - before
+    assert reads and 0.02 * len(reads) <= waited <= wall
 
 
 def test_background_warmup_serves_from_the_largest_shapes_until_the_rest_compile(tiny_model):

@@ -58,6 +58,7 @@ class RunTrace:
     running: list[int] = field(default_factory=list)  # sequences running after each step
     kv_usage: list[float] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)  # wall time of each `step()`
+    wait_s: list[float] = field(default_factory=list)  # of it, blocked on device results
     # Whether the step returned a multi-step run's tokens (some request got more than one).
     step_is_run: list[bool] = field(default_factory=list)
 
@@ -69,7 +70,9 @@ def run_all(
 
     n = len(prompts)
     trace = RunTrace([None] * n, [0.0] * n, [0] * n)
-    preempted_before = llm.stats()["num_preemptions"]
+    stats = llm.stats()
+    preempted_before = stats["num_preemptions"]
+    waited = stats["device_wait_seconds_total"]
     detokenize = llm.tokenizer is not None
     t0 = time.perf_counter()
     for i, (prompt, out_len) in enumerate(zip(prompts, output_lens, strict=True)):
@@ -99,6 +102,8 @@ def run_all(
                     bar.update(1)
             trace.step_is_run.append(most > 1)
             stats = llm.stats()
+            trace.wait_s.append(stats["device_wait_seconds_total"] - waited)
+            waited = stats["device_wait_seconds_total"]
             trace.running.append(stats["num_running"])
             trace.kv_usage.append(stats["kv_usage"])
     trace.elapsed = time.perf_counter() - t0
@@ -142,13 +147,23 @@ def figures(trace: RunTrace, workload: Workload, shared_prefix_len: int = 0) -> 
 
 def step_figures(trace: RunTrace) -> dict[str, Any]:
     """Engine steps split into those that returned multi-step decode runs and the single
-    iterations (prompt chunks with one decode token for each running sequence): how many, and
-    the wall time spent in each kind's `step()` calls. (A run's device time overlaps the host
-    work of the step before it, so it is read back, and counted, where it ends.)"""
+    iterations (prompt chunks with one decode token for each running sequence): how many, the
+    wall time spent in each kind's `step()` calls, and how much of it the host spent blocked on
+    device results (`device_wait_s`; the rest is host work). A run's device time overlaps the
+    host work of the step before it, so it is read back, and counted, where it ends: runs that
+    wait next to nothing are bound by the host, not the device."""
     out = {}
     for kind, is_run in (("runs", True), ("single", False)):
-        times = [t for t, r in zip(trace.step_s, trace.step_is_run, strict=True) if r == is_run]
-        out[kind] = {"count": len(times), "seconds": float(sum(times))}
+        picked = [
+            (t, w)
+            for t, w, r in zip(trace.step_s, trace.wait_s, trace.step_is_run, strict=True)
+            if r == is_run
+        ]
+        out[kind] = {
+            "count": len(picked),
+            "seconds": float(sum(t for t, _ in picked)),
+            "device_wait_s": float(sum(w for _, w in picked)),
+        }
     return out
 
 
@@ -221,8 +236,10 @@ def print_summary(result: dict[str, Any]) -> None:
         ("preemptions", report.fmt(r["preemptions"])),
         (
             "steps: runs / single",
-            f"{r['steps']['runs']['count']} in {r['steps']['runs']['seconds']:.2f} s / "
-            f"{r['steps']['single']['count']} in {r['steps']['single']['seconds']:.2f} s",
+            " / ".join(
+                f"{s['count']} in {s['seconds']:.2f} s ({s['device_wait_s']:.2f} waiting)"
+                for s in (r["steps"]["runs"], r["steps"]["single"])
+            ),
         ),
         ("mean running seqs", report.fmt(r["mean_running_seqs"])),
         ("peak KV usage", report.fmt(r["peak_kv_usage"], 3)),
