@@ -86,6 +86,12 @@ class ServerMetrics:
             "Prompt tokens served from the prefix cache (hit rate = hits / queries).",
             registry=r,
         )
+        self.device_wait = Counter(
+            "jaxserve_engine_device_wait_seconds",
+            "Time the engine thread waited for device results; little of it against the "
+            "wall time means the host, not the GPU, bounds the steps.",
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "jaxserve_time_to_first_token_seconds",
             "From request arrival to its first generated token.",
@@ -116,7 +122,7 @@ class ServerMetrics:
             "jaxserve_engine_step_failures", "Engine steps that raised.", registry=r
         )
         self._lock = threading.Lock()
-        self._totals: dict[str, int] = {}
+        self._totals: dict[str, float] = {}
 
     def observe_engine_stats(self, stats: Mapping[str, float]) -> None:
         """Records one `engine.stats()` snapshot; cumulative totals become counter increments."""
@@ -131,10 +137,11 @@ class ServerMetrics:
                 ("generation_tokens_total", self.generation_tokens),
                 ("prefix_cache_queries_total", self.prefix_cache_queries),
                 ("prefix_cache_hits_total", self.prefix_cache_hits),
+                ("device_wait_seconds_total", self.device_wait),
             ):
-                if key not in stats:  # an engine without a prefix cache
+                if key not in stats:  # a total this engine does not keep (no prefix cache)
                     continue
-                value = int(stats[key])
+                value = stats[key]
                 # A total that went down means the engine was rebuilt: count from its new origin.
                 increment = value - self._totals.get(key, 0)
                 if increment > 0:
