@@ -106,12 +106,21 @@ def dense_attention(
     return np.einsum("hqk,khd->qhd", p, vh).astype(np.float32)
 
 
-def decode_oracle(q: np.ndarray, case: PagedCase, scale: float) -> np.ndarray:
+def dense_oracle(q: np.ndarray, lens, query_tokens: int, seq_kv, scale: float) -> np.ndarray:
+    """Each sequence's `query_tokens` rows of q [B * query_tokens, Hq, D] (its last positions)
+    attended by `dense_attention` over `seq_kv(b)` = its keys and values [n, Hkv, D]; the rows of
+    empty sequences stay zero."""
     out = np.zeros_like(q)
-    for b, n in enumerate(case.seq_lens):
+    for b, n in enumerate(lens):
         if n > 0:
-            out[b] = dense_attention(q[b : b + 1], case.k_seq[b], case.v_seq[b], n - 1, scale)[0]
+            rows = slice(b * query_tokens, (b + 1) * query_tokens)
+            ks, vs = seq_kv(b)
+            out[rows] = dense_attention(q[rows], ks, vs, n - query_tokens, scale)
     return out
+
+
+def decode_oracle(q: np.ndarray, case: PagedCase, scale: float) -> np.ndarray:
+    return dense_oracle(q, case.seq_lens, 1, lambda b: (case.k_seq[b], case.v_seq[b]), scale)
 
 
 def quantize_cache(
@@ -555,15 +564,12 @@ def test_mosaic_decode_interpreted_matches_reference(
         interpret=True,
     )
     out = np.asarray(out.astype(jnp.float32))
-    qf = np.asarray(q.astype(jnp.float32))
-    ref = np.zeros_like(qf)
+    as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
+    seq_kv = lambda b: (as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b]))  # noqa: E731
+    ref = dense_oracle(np.asarray(q.astype(jnp.float32)), lens, query_tokens, seq_kv, scale)
     for b, n in enumerate(lens):
-        rows = slice(b * query_tokens, (b + 1) * query_tokens)
-        if n > 0:
-            ks = np.asarray(jnp.asarray(case.k_seq[b], dtype).astype(jnp.float32))
-            vs = np.asarray(jnp.asarray(case.v_seq[b], dtype).astype(jnp.float32))
-            ref[rows] = dense_attention(qf[rows], ks, vs, n - query_tokens, scale)
-        else:
+        if n == 0:
+            rows = slice(b * query_tokens, (b + 1) * query_tokens)
             assert np.all(out[rows] == 0.0), "an empty sequence must produce zeros"
     assert rel_err(out, ref) <= 1e-2
 
@@ -662,13 +668,8 @@ def decode_write_case(
         jnp.asarray(case.seq_lens),
     )
     as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
-    qf = as_dtype(q)
-    ref = np.zeros_like(qf)
-    for b, n in enumerate(lens):
-        if n:
-            rows = slice(b * query_tokens, (b + 1) * query_tokens)
-            ks, vs = as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b])
-            ref[rows] = dense_attention(qf[rows], ks, vs, n - query_tokens, 0.3)
+    seq_kv = lambda b: (as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b]))  # noqa: E731
+    ref = dense_oracle(as_dtype(q), lens, query_tokens, seq_kv, 0.3)
     return args, ref, as_dtype(case.k_pages), as_dtype(case.v_pages)
 
 
@@ -708,16 +709,15 @@ def check_8bit_decode_write(
             )
         )
     else:
-        ref = np.zeros_like(f32(q))
-        for b, n in enumerate(lens):
-            if not n:
-                continue
-            pos = np.arange(n)
+
+        def seq_kv(b):  # sequence b's keys and values, dequantized from the pages
+            pos = np.arange(lens[b])
             pages = np.asarray(tables)[b, pos // page]
             ks = (f32(k_want)[:, pages, pos % page] * unit[:, None, None]).swapaxes(0, 1)
             vs = (f32(v_want)[:, pages, pos % page] * unit[::-1, None, None]).swapaxes(0, 1)
-            rows = slice(b * tq, (b + 1) * tq)
-            ref[rows] = dense_attention(f32(q)[rows], ks, vs, n - tq, 0.3)
+            return ks, vs
+
+        ref = dense_oracle(f32(q), lens, tq, seq_kv, 0.3)
     assert rel_err(f32(out), ref) <= 1e-2
     for b, n in enumerate(lens):
         if n == 0:
@@ -946,12 +946,9 @@ def test_mosaic_decode_several_query_tokens() -> None:
     k, v, tables, seq_lens = _device_cache(case, jnp.bfloat16)
     q = jnp.asarray(rng.standard_normal((len(lens) * qt, hkv * g, d)), jnp.bfloat16)
     out = _mosaic_decode.paged_decode(q, k, v, tables, seq_lens, scale=0.1, query_tokens=qt)
-    qf = np.asarray(q.astype(jnp.float32))
-    ref = np.zeros_like(qf)
-    for b, n in enumerate(lens):
-        ks = np.asarray(jnp.asarray(case.k_seq[b], jnp.bfloat16).astype(jnp.float32))
-        vs = np.asarray(jnp.asarray(case.v_seq[b], jnp.bfloat16).astype(jnp.float32))
-        ref[b * qt : (b + 1) * qt] = dense_attention(qf[b * qt : (b + 1) * qt], ks, vs, n - qt, 0.1)
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    seq_kv = lambda b: (bf16(case.k_seq[b]), bf16(case.v_seq[b]))  # noqa: E731
+    ref = dense_oracle(np.asarray(q.astype(jnp.float32)), lens, qt, seq_kv, 0.1)
     assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= 1e-2
 
 
