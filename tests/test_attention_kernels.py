@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxserve.bench import shapes
+from models import llama
 from pallas_kernels import (
     _mosaic_decode,
     _mosaic_prefill,
@@ -24,7 +27,7 @@ from pallas_kernels import (
     kv_quant,
     paged_attention,
 )
-from pallas_kernels.attention import write_kv
+from pallas_kernels.attention import AttentionMetadata, write_kv
 
 ON_HOPPER = jax.devices()[0].platform == "gpu" and paged_attention.mosaic_available(
     jax.devices()[0]
@@ -1045,3 +1048,33 @@ def test_mosaic_prefill_matches_reference(
     )
     assert rel_err(out, np.asarray(ref.astype(jnp.float32))) <= 1e-2
     assert np.all(out[int(cu[-1]) :] == 0.0), "padding tokens must produce zeros"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-30b-a3b"])
+def test_model_steps_lower_for_cuda_with_the_mosaic_kernels(
+    shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's decode step (the write kernel) and prefill step (the prefill kernel), as the
+    engine calls them with the Mosaic backend, get through lowering for CUDA (no GPU needed):
+    the model's side of the kernels' interface (q/k/v layout, RoPE, GQA, the cache) in CI."""
+    monkeypatch.setattr(paged_attention, "mosaic_available", lambda device: True)
+    cfg = dataclasses.replace(shapes.model_config(shape), num_layers=1)
+    model = nnx.eval_shape(lambda: llama.CausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    page = 16
+    pages = jax.ShapeDtypeStruct((cfg.num_kv_heads, 64, page, cfg.head_dim), jnp.bfloat16)
+
+    def i32(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    def step(state, tokens, positions, cache, slots, tables, lens, cu, is_decode):
+        meta = AttentionMetadata(slots, tables, lens, cu, is_decode=is_decode, backend="mosaic")
+        return nnx.merge(graphdef, state)(tokens, positions, cache, meta)
+
+    for is_decode, rows, tokens in ((True, 8, 8), (False, 4, 96)):
+        fn = jax.jit(functools.partial(step, is_decode=is_decode))
+        args = (state, i32(tokens), i32(tokens), [(pages, pages)], i32(tokens))
+        args += (i32(rows, 16), i32(rows), i32(rows + 1))
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
