@@ -676,8 +676,8 @@ class Engine:
         self, plan: StepPlan, specs: dict[int, RowSpec], kinds: list[RowSpec] | None = None
     ) -> PendingRun:
         """Start a multi-step plan (`Scheduler.schedule_decode_run` or `schedule_next_run`):
-        `decode_steps` decode iterations in one device call; row i keeps its first `num_steps`
-        tokens. `kinds`: the rows `decode_run_ready` was asked about, whose sampler variant to
+        `decode_steps` decode iterations in one device call (fewer where no row needs them all,
+        `_run_steps`); row i keeps its first `num_steps` tokens. `kinds`: the rows `decode_run_ready` was asked about, whose sampler variant to
         use (default: the plan's own rows). A plan that `follows_run` must have the rows of the
         run dispatched last, in its order."""
         rows = plan.decode
@@ -692,7 +692,8 @@ class Engine:
             self._copy(plan.page_copies)
         row_specs = [specs[r.seq_id] for r in rows]
         arrays, flags = self._run_arrays(rows, row_specs, kinds or row_specs, plan.follows_run)
-        out = self._device(_OP_DECODE_RUN, arrays, flags)
+        steps = self._run_steps(plan.num_steps, arrays, flags)
+        out = self._device(_OP_DECODE_RUN, arrays, (*flags, steps))
         self._last_run_rows = seq_ids
         return PendingRun(plan, row_specs, out)
 
@@ -712,6 +713,20 @@ class Engine:
                     for j, tok in enumerate(toks)
                 ]
         return result
+
+    def _run_steps(
+        self, needed: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]
+    ) -> int:
+        """Decode iterations a run with these inputs loops: `decode_steps`, or `needed` when no
+        row needs them all and that variant is compiled. Rows that end together end on such a
+        run (a batch whose `max_tokens` is a multiple of `decode_steps` ends on one of
+        `decode_steps - 1`, the prefill having sampled the first token), which would otherwise
+        compute iterations nobody keeps. The variant compiles in the background on first use."""
+        if needed >= self.cfg.decode_steps:
+            return self.cfg.decode_steps
+        b, p = arrays[4].shape  # the block tables: (batch bucket, page bucket)
+        short = self._run_compile((b, p, *(bool(f) for f in flags)), needed)
+        return needed if short.done() and short.exception() is None else self.cfg.decode_steps
 
     def decode_run_ready(self, num_rows: int, context_len: int, specs: list[RowSpec]) -> bool:
         """Whether the multi-step decode of `num_rows` rows of at most `context_len` positions,
@@ -736,10 +751,14 @@ class Engine:
         for future in list(self._run_compiles.values()):
             future.exception()
 
-    def _run_compile(self, key: tuple) -> concurrent.futures.Future:
+    def _run_compile(self, key: tuple, steps: int = 0) -> concurrent.futures.Future:
         """The compilation of multi-step decode variant `key` (batch bucket, page bucket,
-        *sampler flags), started on the compile threads if it was not yet."""
-        return self._compile_in_background((_OP_DECODE_RUN, *key), self._compile_run, *key)
+        *sampler flags) looping `steps` iterations (default `decode_steps`), started on the
+        compile threads if it was not yet."""
+        steps = steps or self.cfg.decode_steps
+        return self._compile_in_background(
+            (_OP_DECODE_RUN, steps, *key), self._compile_run, steps, *key
+        )
 
     def _carry_sampler(
         self, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]
@@ -765,14 +784,15 @@ class Engine:
                 self._run_compiles[key] = future
             return self._run_compiles[key]
 
-    def _compile_run(self, b: int, p: int, *flags: bool) -> None:
+    def _compile_run(self, steps: int, b: int, p: int, *flags: bool) -> None:
         rows = [_dummy_row(i, [0], [0] * p) for i in range(b)]
         spec = RowSpec(
             temperature=0.0 if flags[0] else 1.0,
             top_k=1 if flags[1] else 0,
             want_logprobs=flags[2],
         )
-        self._compile(_OP_DECODE_RUN, *self._run_arrays(rows, [spec] * b, [spec]))
+        arrays, sample_flags = self._run_arrays(rows, [spec] * b, [spec])
+        self._compile(_OP_DECODE_RUN, arrays, (*sample_flags, steps))
 
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
         """Sample the rows of the last `source` (_OP_DECODE / _OP_PREFILL) step's logits."""
@@ -940,9 +960,8 @@ class Engine:
         if op == _OP_DECODE_RUN:
             tokens, positions, last_pos, slots, tables, seq_lens, cu, follows, *sampling = arrays
             meta = self._meta(slots, tables, seq_lens, cu, True)
-            fn = functools.partial(
-                _decode_run, self._mdef, self.cfg.decode_steps, _flag_kwargs(flags)
-            )
+            *sample_flags, steps = flags
+            fn = functools.partial(_decode_run, self._mdef, steps, _flag_kwargs(sample_flags))
             host = (tokens, positions, last_pos, meta, _batch_of(sampling), follows)
             return fn, (1, 2), (self._params, kv, carry), host
         tokens, positions, slots, tables, seq_lens, cu, *rest = arrays

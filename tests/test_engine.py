@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from jaxserve.engine import EngineConfig, geometric_upto
+from jaxserve.engine import _OP_DECODE_RUN, EngineConfig, geometric_upto
 from jaxserve.llm import LLM
 from jaxserve.llm_engine import LLMEngine
 from jaxserve.sampling_params import SamplingParams
@@ -346,6 +347,40 @@ def test_multi_step_runs_equal_single_steps(tiny_model):
     assert stats["decode_runs_total"] > 0 and stats["kv_used_tokens"] == 0
     assert_same_completions(single, runs)
     assert runs[2].outputs[0].finish_reason == "stop"
+
+
+def test_the_last_run_of_rows_ending_together_loops_only_the_steps_they_need(tiny_model):
+    """Two greedy requests of 12 tokens, runs of 4 decode steps: the prefill samples the first
+    token and runs give 4 + 4 + 3. The last run loops 3 iterations once that variant is
+    compiled (from its first use, in the background), 4 while it compiles; the tokens are
+    those of single steps either way."""
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [6, 9], seed=21)
+    params = ids_params(temperature=0.0, max_tokens=12)
+    single = make_llm(model).generate(prompts, params)
+    llm = make_llm(model, decode_steps=4)
+    engine = llm.engine.engine
+    for _ in range(2):  # the 4-step runs, then what a batch of them asks for
+        llm.generate(prompts, params)
+        engine.finish_compiles()
+    loops = []
+    device, compile_run = engine._device, engine._run_compile
+
+    def spy(op, arrays, flags=()):
+        if op == _OP_DECODE_RUN:
+            loops.append(flags[-1])
+        return device(op, arrays, flags)
+
+    engine._device = spy
+    compiled = llm.generate(prompts, params)
+    assert loops == [4, 4, 3]
+    loops.clear()
+    compiling = concurrent.futures.Future()  # never done
+    engine._run_compile = lambda key, steps=0: compiling if steps else compile_run(key)
+    fallback = llm.generate(prompts, params)
+    assert loops == [4, 4, 4]
+    assert_same_completions(single, compiled)
+    assert_same_completions(single, fallback)
 
 
 def test_async_scheduling_runs_ahead_with_the_outputs_of_runs_read_back_first(tiny_model):
