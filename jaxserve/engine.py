@@ -677,9 +677,10 @@ class Engine:
     ) -> PendingRun:
         """Start a multi-step plan (`Scheduler.schedule_decode_run` or `schedule_next_run`):
         `decode_steps` decode iterations in one device call (fewer where no row needs them all,
-        `_run_steps`); row i keeps its first `num_steps` tokens. `kinds`: the rows `decode_run_ready` was asked about, whose sampler variant to
-        use (default: the plan's own rows). A plan that `follows_run` must have the rows of the
-        run dispatched last, in its order."""
+        `_run_steps`); row i keeps its first `num_steps` tokens. `kinds`: the rows
+        `decode_run_ready` was asked about, whose sampler variant to use (default: the plan's
+        own rows). A plan that `follows_run` must have the rows of the run dispatched last, in
+        its order."""
         rows = plan.decode
         if plan.prefill or plan.num_steps > self.cfg.decode_steps:
             raise ValueError(
