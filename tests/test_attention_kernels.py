@@ -122,6 +122,16 @@ def dense_oracle(q: np.ndarray, lens, query_tokens: int, seq_kv, scale: float) -
     return out
 
 
+def rounded(a, dtype: jnp.dtype) -> np.ndarray:
+    """`a` rounded to `dtype`, as float32 (what a kernel fed `dtype` sees)."""
+    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
+
+
+def case_kv(case: PagedCase, dtype: jnp.dtype):
+    """`dense_oracle`'s `seq_kv` for a case's own keys and values, rounded to `dtype`."""
+    return lambda b: (rounded(case.k_seq[b], dtype), rounded(case.v_seq[b], dtype))
+
+
 def decode_oracle(q: np.ndarray, case: PagedCase, scale: float) -> np.ndarray:
     return dense_oracle(q, case.seq_lens, 1, lambda b: (case.k_seq[b], case.v_seq[b]), scale)
 
@@ -567,9 +577,7 @@ def test_mosaic_decode_interpreted_matches_reference(
         interpret=True,
     )
     out = np.asarray(out.astype(jnp.float32))
-    as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
-    seq_kv = lambda b: (as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b]))  # noqa: E731
-    ref = dense_oracle(np.asarray(q.astype(jnp.float32)), lens, query_tokens, seq_kv, scale)
+    ref = dense_oracle(rounded(q, dtype), lens, query_tokens, case_kv(case, dtype), scale)
     for b, n in enumerate(lens):
         if n == 0:
             rows = slice(b * query_tokens, (b + 1) * query_tokens)
@@ -670,10 +678,8 @@ def decode_write_case(
         jnp.asarray(case.block_tables),
         jnp.asarray(case.seq_lens),
     )
-    as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # noqa: E731
-    seq_kv = lambda b: (as_dtype(case.k_seq[b]), as_dtype(case.v_seq[b]))  # noqa: E731
-    ref = dense_oracle(as_dtype(q), lens, query_tokens, seq_kv, 0.3)
-    return args, ref, as_dtype(case.k_pages), as_dtype(case.v_pages)
+    ref = dense_oracle(rounded(q, dtype), lens, query_tokens, case_kv(case, dtype), 0.3)
+    return args, ref, rounded(case.k_pages, dtype), rounded(case.v_pages, dtype)
 
 
 def quantize_pages(pages: jax.Array, scale: np.ndarray, dtype: jnp.dtype) -> jax.Array:
@@ -949,9 +955,7 @@ def test_mosaic_decode_several_query_tokens() -> None:
     k, v, tables, seq_lens = _device_cache(case, jnp.bfloat16)
     q = jnp.asarray(rng.standard_normal((len(lens) * qt, hkv * g, d)), jnp.bfloat16)
     out = _mosaic_decode.paged_decode(q, k, v, tables, seq_lens, scale=0.1, query_tokens=qt)
-    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
-    seq_kv = lambda b: (bf16(case.k_seq[b]), bf16(case.v_seq[b]))  # noqa: E731
-    ref = dense_oracle(np.asarray(q.astype(jnp.float32)), lens, qt, seq_kv, 0.1)
+    ref = dense_oracle(rounded(q, jnp.bfloat16), lens, qt, case_kv(case, jnp.bfloat16), 0.1)
     assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= 1e-2
 
 
