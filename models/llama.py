@@ -78,10 +78,9 @@ class Attention(nnx.Module):
         o_thd, kv = attention(q_thd, k_thd, v_thd, kv, positions, meta, scale=self.scale)
         out = self.o_proj(o_thd.reshape(t, -1))
         if prefetch:
-            # Joined after o_proj: the token's use keeps the prefetch alive, the main stream
-            # waits for stream 1 by here at the latest, and the next layer's prefetch (tied to
-            # this layer's output) cannot start before.
-            out, _ = jax.lax.optimization_barrier((out, token))
+            # Joined after o_proj: the main stream waits for stream 1 by here at the latest,
+            # and the next layer's prefetch (tied to this layer's output) cannot start before.
+            out = l2_prefetch.join(out, token)
         return out, kv
 
 

@@ -14,7 +14,8 @@ Kernel: `CTAS` CTAs of one warpgroup. The rows that hold the first `nbytes` of t
 weight [K, N] are cut into boxes of at most `BOX` x `BOX` elements (a TMA box dimension is at most
 256); CTA c issues boxes c, c + CTAS, ... with `cp.async.bulk.prefetch.tensor` (one thread each;
 nothing waits for them). Each CTA writes how many boxes it issued into a [CTAS] int32 token: the
-kernel's only output, which the caller must consume or JAX and XLA drop the kernel as dead code.
+kernel's only output, which the caller must `join` to a value it uses, or XLA drops the kernel as
+dead code.
 
 Stream: `compute_on("gpu_stream:1")` lowers to a non-inlinable call marked
 `_xla_stream_annotation="1"`, which XLA's GPU compiler wraps into an async call-start / call-done
@@ -118,12 +119,20 @@ def prefetch(w: jax.Array, nbytes: int, *, interpret: bool = False) -> jax.Array
     )(w)
 
 
+def join(x: jax.Array, token: jax.Array) -> jax.Array:
+    """`x`, made to depend on a prefetch's `token`: the main stream waits for the prefetch
+    before anything reads the result. The dependency is data, an added zero XLA cannot prove
+    zero (a token's counts are never negative): a token consumed by nothing but an optimization
+    barrier is dead code to XLA, which then drops the prefetch altogether."""
+    return x + (token[0] < 0).astype(x.dtype)
+
+
 def side_stream_prefetch(w: jax.Array, nbytes: int) -> jax.Array:
     """`prefetch` of the first min(nbytes, size of w) bytes of `w`, run on CUDA stream 1.
 
     Returns the token. XLA starts the call once `w` exists (tie `w` to the value the prefetch
     should wait for, e.g. with an optimization barrier) and makes the main stream wait for it
-    where the token is first used: consume the token after the reads the prefetch is for."""
+    where the token is first used: `join` it to the result of the reads the prefetch is for."""
     nbytes = min(nbytes, w.size * w.dtype.itemsize)
     run = compute_on(compute_type=STREAM, out_memory_spaces=jax.memory.Space.Device)(
         functools.partial(prefetch, nbytes=nbytes)

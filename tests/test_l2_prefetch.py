@@ -80,6 +80,13 @@ def test_kernel_interpreted_issues_each_box_once(shape, dtype, nbytes) -> None:
     assert np.asarray(token).tolist() == l2_prefetch.boxes_per_cta(plan)
 
 
+def test_join_adds_an_exact_zero() -> None:
+    x = jnp.asarray([[1.5, -0.0, 3.0e38]], jnp.bfloat16)
+    y = l2_prefetch.join(x, jnp.asarray([4, 4, 3, 3], jnp.int32))
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32))
+
+
 def test_model_prefetches_only_decoding_with_mosaic_on_one_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -151,27 +158,26 @@ def test_decode_step_on_cpu_is_unchanged_by_the_switch(
 )
 def test_matmul_behind_a_side_stream_prefetch(shape: tuple[int, int], mib: int) -> None:
     """The o_proj pattern of `models.llama.Attention` (prefetch started on stream 1 with the
-    input, joined after the matmul) compiles to an async call on stream 1, the kernel issues
-    every box, and the matmul equals an f32 reference product, call after call."""
+    input, joined to the matmul's result, the token not returned) compiles with the kernel in
+    an async call on stream 1, and the matmul equals an f32 reference product, call after
+    call. (That each CTA issues its boxes is the interpreter test's.)"""
 
     @jax.jit
-    def step(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def step(x: jax.Array, w: jax.Array) -> jax.Array:
         _, w_b = jax.lax.optimization_barrier((x, w))
         token = l2_prefetch.side_stream_prefetch(w_b, mib * MIB)
-        y = matmul(x, w)
-        return jax.lax.optimization_barrier((y, token))
+        return l2_prefetch.join(matmul(x, w), token)
 
     rng = np.random.default_rng(shape[1] + mib)
     w = jnp.asarray(0.02 * rng.standard_normal(shape), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((1, shape[0])), jnp.bfloat16)
     text = step.lower(x, w).compile().as_text()
     assert "call-start" in text and '_xla_stream_annotation="1"' in text
-    plan = l2_prefetch.box_plan(shape, 2, min(mib * MIB, w.size * 2))
+    assert 'custom_call_target="mosaic_gpu_v2"' in text
     w32 = np.asarray(w, np.float32)
     for _ in range(4):
         x = jnp.asarray(rng.standard_normal((1, shape[0])), jnp.bfloat16)
-        y, token = step(x, w)
+        y = step(x, w)
         ref = np.asarray(x, np.float32) @ w32
         err = np.linalg.norm(np.asarray(y, np.float32) - ref) / np.linalg.norm(ref)
         assert err <= 1e-2
-        assert np.asarray(token).tolist() == l2_prefetch.boxes_per_cta(plan)
