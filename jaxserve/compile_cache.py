@@ -42,6 +42,8 @@ KEEP_FOLDERS = 8  # fingerprint folders (engine configurations) kept in the stor
 _SOURCE_PACKAGES = ("jaxserve", "models", "pallas_kernels")
 # Where the store keeps executables (see the module docstring for why not on the CPU).
 _STORE_PLATFORMS = ("gpu", "cuda", "rocm")
+# Environment variables read while tracing or compiling (an experiment's switch included).
+PROGRAM_ENV = ("XLA_FLAGS", "JAXSERVE_L2_PREFETCH_MB")
 # JAX options that change how a traced program lowers.
 _JAX_OPTIONS = (
     "jax_default_matmul_precision",
@@ -83,8 +85,8 @@ def source_digest() -> str:
 
 
 def fingerprint(parts: Iterable[object]) -> str:
-    """A digest of `parts` (their reprs) plus the versions, device, XLA flags and sources that
-    decide what a compiled program is."""
+    """A digest of `parts` (their reprs) plus the versions, device, XLA flags (and the other
+    variables of `PROGRAM_ENV`) and sources that decide what a compiled program is."""
     dev = jax.devices()[0]
     h = hashlib.sha256()
     for part in (
@@ -94,7 +96,7 @@ def fingerprint(parts: Iterable[object]) -> str:
         dev.device_kind,
         dev.client.platform_version,
         jax.device_count(),
-        os.environ.get("XLA_FLAGS", ""),
+        *(os.environ.get(name, "") for name in PROGRAM_ENV),
         source_digest(),
         *(getattr(jax.config, name) for name in _JAX_OPTIONS),
         *parts,

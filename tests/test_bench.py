@@ -19,6 +19,7 @@ from jaxserve.bench import (
     latency,
     parse_range,
     random_prompt,
+    report,
     sample_workload,
     shapes,
 )
@@ -59,6 +60,14 @@ def check_metadata(d: dict, mode: str) -> None:
     assert d["command_line"].startswith(f"python -m jaxserve.bench {mode} --random-weights tiny")
     assert d["config"]["random_weights"] == "tiny"
     assert d["environment"]["jax_version"]
+    assert isinstance(d["environment"]["program_env"], dict)
+
+
+def test_environment_names_the_variables_that_change_programs(monkeypatch) -> None:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAXSERVE_L2_PREFETCH_MB", "8")
+    env = report.environment(init_device=False)
+    assert env["program_env"] == {"JAXSERVE_L2_PREFETCH_MB": "8"}
 
 
 # ---- shapes and accounting ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 import jaxserve
+from jaxserve.compile_cache import PROGRAM_ENV
 
 SUMMARY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
 
@@ -55,7 +57,9 @@ def _version(dist: str) -> str | None:
 
 
 def environment(init_device: bool = True) -> dict[str, Any]:
-    """Software versions, and (when `init_device`) the devices JAX sees in this process."""
+    """Software versions, the set environment variables that change compiled programs (XLA
+    flags, experiment switches), and (when `init_device`) the devices JAX sees in this
+    process."""
     env: dict[str, Any] = {
         "jaxserve_version": jaxserve.__version__,
         "jax_version": _version("jax"),
@@ -63,6 +67,7 @@ def environment(init_device: bool = True) -> dict[str, Any]:
         "flax_version": _version("flax"),
         "python_version": platform.python_version(),
         "utc_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "program_env": {name: os.environ[name] for name in PROGRAM_ENV if name in os.environ},
     }
     if init_device:
         import jax
