@@ -34,6 +34,8 @@ import jax
 import jaxlib
 from jax.experimental import serialize_executable
 
+from jaxserve import program_env
+
 log = logging.getLogger(__name__)
 
 EXECUTABLES_DIR = "executables"
@@ -42,8 +44,6 @@ KEEP_FOLDERS = 8  # fingerprint folders (engine configurations) kept in the stor
 _SOURCE_PACKAGES = ("jaxserve", "models", "pallas_kernels")
 # Where the store keeps executables (see the module docstring for why not on the CPU).
 _STORE_PLATFORMS = ("gpu", "cuda", "rocm")
-# Environment variables read while tracing or compiling (an experiment's switch included).
-PROGRAM_ENV = ("XLA_FLAGS", "JAXSERVE_L2_PREFETCH_MB")
 # JAX options that change how a traced program lowers.
 _JAX_OPTIONS = (
     "jax_default_matmul_precision",
@@ -86,7 +86,7 @@ def source_digest() -> str:
 
 def fingerprint(parts: Iterable[object]) -> str:
     """A digest of `parts` (their reprs) plus the versions, device, XLA flags (and the other
-    variables of `PROGRAM_ENV`) and sources that decide what a compiled program is."""
+    variables of `program_env`) and sources that decide what a compiled program is."""
     dev = jax.devices()[0]
     h = hashlib.sha256()
     for part in (
@@ -96,7 +96,7 @@ def fingerprint(parts: Iterable[object]) -> str:
         dev.device_kind,
         dev.client.platform_version,
         jax.device_count(),
-        *(os.environ.get(name, "") for name in PROGRAM_ENV),
+        *(os.environ.get(name, "") for name in program_env.NAMES),
         source_digest(),
         *(getattr(jax.config, name) for name in _JAX_OPTIONS),
         *parts,

@@ -37,10 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.compute_on import compute_on
 
+from jaxserve import program_env
+
 BOX = 256  # TMA's largest box dimension, in elements
 CTAS = 4
 STREAM = "gpu_stream:1"
-ENV_VAR = "JAXSERVE_L2_PREFETCH_MB"
+ENV_VAR = program_env.L2_PREFETCH_MB
 
 
 def requested_bytes() -> int:

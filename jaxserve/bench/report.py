@@ -12,7 +12,6 @@ import datetime
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import shlex
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import jaxserve
-from jaxserve.compile_cache import PROGRAM_ENV
+from jaxserve import program_env
 
 SUMMARY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
 
@@ -67,7 +66,7 @@ def environment(init_device: bool = True) -> dict[str, Any]:
         "flax_version": _version("flax"),
         "python_version": platform.python_version(),
         "utc_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "program_env": {name: os.environ[name] for name in PROGRAM_ENV if name in os.environ},
+        "program_env": program_env.values(),
     }
     if init_device:
         import jax
