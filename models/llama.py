@@ -23,7 +23,6 @@ from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from models.layers import Linear, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
 from models.moe import EXPERT_WEIGHTS, DenseMLP, MoE
-from pallas_kernels import l2_prefetch, paged_attention
 from pallas_kernels.attention import AttentionMetadata, attention
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: [kv_heads, num_pages, page_size, head_dim]
@@ -62,12 +61,6 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         t = x.shape[0]
-        prefetch = _o_proj_prefetch_bytes(meta)
-        if prefetch:
-            # Starts with the q/k/v GEMMs: the barrier ties the weight to x, so no layer's
-            # prefetch can be scheduled before that layer's input exists.
-            _, w_o = jax.lax.optimization_barrier((x, self.o_proj.kernel[...]))
-            token = l2_prefetch.side_stream_prefetch(w_o, prefetch)
         q_thd = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
         k_thd = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
         v_thd = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
@@ -76,26 +69,7 @@ class Attention(nnx.Module):
         q_thd = apply_rope(q_thd, rope)
         k_thd = apply_rope(k_thd, rope)
         o_thd, kv = attention(q_thd, k_thd, v_thd, kv, positions, meta, scale=self.scale)
-        out = self.o_proj(o_thd.reshape(t, -1))
-        if prefetch:
-            # Joined after o_proj: the main stream waits for stream 1 by here at the latest,
-            # and the next layer's prefetch (tied to this layer's output) cannot start before.
-            out = l2_prefetch.join(out, token)
-        return out, kv
-
-
-def _o_proj_prefetch_bytes(meta: AttentionMetadata) -> int:
-    """How much of the o_proj weight a layer prefetches into L2 from a side stream while it
-    attends (`pallas_kernels.l2_prefetch`): `JAXSERVE_L2_PREFETCH_MB` on decode steps with the
-    Mosaic kernels on one device; 0 (off) otherwise."""
-    if not (meta.is_decode and meta.backend == "mosaic"):
-        return 0
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return 0
-    if not paged_attention.mosaic_available(jax.devices()[0]):
-        return 0
-    return l2_prefetch.requested_bytes()
+        return self.o_proj(o_thd.reshape(t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable
 
 import jax
@@ -26,7 +25,6 @@ from pallas_kernels import (
     _mosaic_prefill,
     flash_attention,
     kv_quant,
-    l2_prefetch,
     paged_attention,
 )
 from pallas_kernels.attention import AttentionMetadata, write_kv
@@ -1090,55 +1088,3 @@ def test_model_steps_lower_for_cuda_with_the_mosaic_kernels(
     for is_decode in (True, False):
         text = lowered_model_step(shape, is_decode).as_text()
         assert "mosaic_gpu" in text
-        assert "_xla_stream_annotation" not in text  # the L2 prefetch is off by default
-
-
-@pytest.fixture
-def l2_prefetch_on(monkeypatch: pytest.MonkeyPatch):
-    """`JAXSERVE_L2_PREFETCH_MB=8` for one test. The switch is read when a layer is traced and
-    layer traces are cached, so the caches are cleared on the way in and out."""
-    monkeypatch.setenv(l2_prefetch.ENV_VAR, "8")
-    jax.clear_caches()
-    yield
-    jax.clear_caches()
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("l2_prefetch_on")
-def test_decode_step_lowers_with_the_side_stream_l2_prefetch(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With `JAXSERVE_L2_PREFETCH_MB` set, a Llama-3.2-1B-shaped decode step lowers for CUDA
-    with the o_proj prefetch kernel in a call marked for stream 1, whose weight operand comes
-    out of an optimization barrier with the layer's input and whose token is joined to o_proj's
-    result (`l2_prefetch.join`); o_proj reads the weight itself. Prefill steps do not prefetch."""
-    monkeypatch.setattr(paged_attention, "mosaic_available", lambda device: True)
-    text = lowered_model_step("llama-3.2-1b", is_decode=True).as_text()
-    calls = re.findall(
-        r"(%\w+) = call @compute_on\((%\w+)#1\) \{mhlo.frontend_attributes = "
-        r'\{_xla_stream_annotation = "1", inlineable = "false"\}',
-        text,
-    )
-    assert len(calls) == 1
-    token, tied = calls[0]
-    x, w_o = re.search(rf"{tied}:2 = stablehlo.optimization_barrier (%\w+), (%\w+) ", text).groups()
-    placed = re.search(
-        rf"(%\w+) = stablehlo.custom_call @annotate_device_placement\({token}\)", text
-    )
-    assert re.search(rf"stablehlo.slice {placed[1]} \[0:1\]", text), "token not joined"
-    assert re.search(rf"stablehlo.dot_general %\w+, {w_o},", text), "o_proj reads another weight"
-    assert re.search(rf"stablehlo.dot_general {x}, ", text), "the barrier holds the q/k/v input"
-    assert "cp.async.bulk.prefetch.tensor.2d.L2.global.tile" in text
-    prefill = lowered_model_step("llama-3.2-1b", is_decode=False).as_text()
-    assert "_xla_stream_annotation" not in prefill
-
-
-@pytest.mark.usefixtures("l2_prefetch_on")
-@hopper
-def test_compiled_decode_step_keeps_the_side_stream_l2_prefetch() -> None:
-    """XLA keeps the prefetch through its optimizations (a token joined only through an
-    optimization barrier was dropped as dead code) and runs it as an async call: the compiled
-    decode step has the decode kernel and the prefetch kernel, and a call-start."""
-    text = lowered_model_step("llama-3.2-1b", is_decode=True).compile().as_text()
-    assert text.count('custom_call_target="mosaic_gpu_v2"') == 2
-    assert "call-start" in text

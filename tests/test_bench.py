@@ -64,10 +64,11 @@ def check_metadata(d: dict, mode: str) -> None:
 
 
 def test_environment_names_the_variables_that_change_programs(monkeypatch) -> None:
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv("JAXSERVE_L2_PREFETCH_MB", "8")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_pdl=false")
     env = report.environment(init_device=False)
-    assert env["program_env"] == {"JAXSERVE_L2_PREFETCH_MB": "8"}
+    assert env["program_env"] == {"XLA_FLAGS": "--xla_gpu_enable_pdl=false"}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert report.environment(init_device=False)["program_env"] == {}
 
 
 # ---- shapes and accounting ----------------------------------------------------------------------

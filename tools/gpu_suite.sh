@@ -15,17 +15,11 @@ bench() {  # name, then the bench arguments
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 "$py" -m pytest -q -p no:cacheprovider tests/test_attention_kernels.py tests/test_engine_gpu.py \
-  tests/test_engine.py tests/test_sampling.py tests/test_l2_prefetch.py 2>&1 | tail -25 \
-  | tee "$out/tests.log"
+  tests/test_engine.py tests/test_sampling.py 2>&1 | tail -25 | tee "$out/tests.log"
 io=(--input-len 128 --output-len 256 --kernel-profile)
 bench latency_llama-3.2-1b_b1 latency --random-weights llama-3.2-1b --batch-size 1 "${io[@]}"
 bench latency_llama-3-8b_b1 latency --random-weights llama-3-8b --batch-size 1 "${io[@]}"
 bench latency_llama-3-8b_b8 latency --random-weights llama-3-8b --batch-size 8 "${io[@]}"
-# The side-stream L2 prefetch experiment (off by default), against the batch-1 rows above.
-JAXSERVE_L2_PREFETCH_MB=8 bench latency_llama-3.2-1b_b1_l2_prefetch_8mb latency \
-  --random-weights llama-3.2-1b --batch-size 1 "${io[@]}"
-JAXSERVE_L2_PREFETCH_MB=24 bench latency_llama-3-8b_b1_l2_prefetch_24mb latency \
-  --random-weights llama-3-8b --batch-size 1 "${io[@]}"
 [ "${2:-}" = quick ] && exit 0
 bench kernels_h100 kernels  # the attention kernels' sweep against cuDNN / XLA (docs/perf/kernels.md)
 offline=(--random-weights llama-3-8b --num-requests 2000 --input-len 128 --output-len 128)
