@@ -446,6 +446,7 @@ def test_throughput_shared_prefix_hits_the_prefix_cache(tmp_path, caching):
     )
     r = d["results"]
     assert d["engine"]["max_prefill_seqs"] == 1
+    assert d["engine"]["compiler_options"] == {}  # GPU-only options
     assert d["workload"]["shared_prefix_len"] == 16
     assert r["total_input_tokens"] == 6 * (16 + 4)
     if caching:

@@ -41,8 +41,9 @@ class FakeSerialization:
 
 @pytest.fixture
 def on_this_platform(monkeypatch):
-    """Let the store keep executables on this machine's platform (CPU in CI)."""
-    monkeypatch.setattr(compile_cache, "_STORE_PLATFORMS", (jax.devices()[0].platform,))
+    """Let the store keep executables on this machine's platform (CPU in CI), and compile with the
+    GPU compiler options there."""
+    monkeypatch.setattr(compile_cache, "_GPU_PLATFORMS", (jax.devices()[0].platform,))
     monkeypatch.setattr(compile_cache, "serialize_executable", FakeSerialization())
 
 
@@ -58,6 +59,26 @@ def test_second_store_loads_what_the_first_compiled(tmp_path, on_this_platform):
     # A different key is a different program.
     second.compile(("f", 2), jax.jit(f), (X, IDX[:2]))
     assert second.compiled == 1
+
+
+def test_compiler_options_apply_on_gpus_unless_xla_flags_set_them(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert compile_cache.compiler_options("cpu") == {}
+    assert compile_cache.compiler_options("gpu") == compile_cache.GPU_COMPILER_OPTIONS
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=5")
+    assert compile_cache.compiler_options("gpu") == {}
+
+
+def test_store_compiles_with_the_compiler_options(on_this_platform, monkeypatch):
+    """The GPU options are XLA options (the CPU compiler accepts them too), and they reach XLA:
+    an option XLA does not know is refused."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    store = ExecutableStore(None, FP)
+    compiled = store.compile(("f",), jax.jit(f), (X, IDX))
+    np.testing.assert_array_equal(np.asarray(compiled(X, IDX)), np.asarray(f(X, IDX)))
+    monkeypatch.setattr(compile_cache, "GPU_COMPILER_OPTIONS", {"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        store.compile(("g",), jax.jit(f), (X, IDX))
 
 
 def test_another_fingerprint_never_loads_a_stored_executable(tmp_path, on_this_platform):
@@ -100,7 +121,7 @@ def test_only_the_most_recently_used_configurations_are_kept(tmp_path, on_this_p
 
 def test_no_directory_or_unsupported_platform_keeps_nothing(tmp_path, monkeypatch):
     assert ExecutableStore(None, FP).path is None
-    monkeypatch.setattr(compile_cache, "_STORE_PLATFORMS", ())
+    monkeypatch.setattr(compile_cache, "_GPU_PLATFORMS", ())
     store = ExecutableStore(str(tmp_path), FP)
     store.compile(("f",), jax.jit(f), (X, IDX))
     assert store.path is None and list(tmp_path.iterdir()) == []

@@ -167,7 +167,10 @@ def describe_model(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def describe_engine(llm: Any) -> dict[str, Any]:
-    """The engine configuration as resolved (pages sized from memory, backend picked)."""
+    """The engine configuration as resolved (pages sized from memory, backend picked), and the
+    XLA options its executables are compiled with."""
+    from jaxserve import compile_cache  # imports JAX, as the engine already has
+
     eng = llm.engine
     cfg = eng.cfg
     mesh = eng.mesh
@@ -189,6 +192,7 @@ def describe_engine(llm: Any) -> dict[str, Any]:
         "decode_buckets": list(cfg.decode_buckets),
         "prefill_buckets": list(cfg.prefill_buckets),
         "page_buckets": list(cfg.page_buckets),
+        "compiler_options": compile_cache.compiler_options(),
     }
 
 
