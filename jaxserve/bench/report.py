@@ -57,8 +57,7 @@ def _version(dist: str) -> str | None:
 
 def environment(init_device: bool = True) -> dict[str, Any]:
     """Software versions, the set environment variables that change compiled programs (XLA
-    flags, experiment switches), and (when `init_device`) the devices JAX sees in this
-    process."""
+    flags), and (when `init_device`) the devices JAX sees in this process."""
     env: dict[str, Any] = {
         "jaxserve_version": jaxserve.__version__,
         "jax_version": _version("jax"),
