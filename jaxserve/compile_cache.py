@@ -49,9 +49,9 @@ _SOURCE_PACKAGES = ("jaxserve", "models", "pallas_kernels")
 # `GPU_COMPILER_OPTIONS` apply.
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 # XLA options every engine executable is compiled with on a GPU. `xla_gpu_graph_min_graph_size`:
-# XLA records runs of consecutive kernels into CUDA graphs, but by default only runs of 5 or more;
-# the shorter runs between a decode layer's Mosaic attention kernel and its neighbours were
-# launched one by one. With 1, every run is a graph: batch-1 decode on an H100 went from 799 to
+# XLA records runs of consecutive kernels into CUDA graphs, but by default only runs of 5 or more,
+# launching shorter runs (most likely those around a decode layer's Mosaic attention kernel) one by
+# one. With 1, every run is a graph: batch-1 decode on an H100 went from 799 to
 # 844 tok/s (Llama-3.2-1B) and from 174.5 to 179.5 (Llama-3-8B), time to first token no worse
 # (one machine; docs/perf/engine_h100.md, item 20).
 GPU_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1}
