@@ -541,18 +541,26 @@ class Engine:
         cu = np.arange(b + 1, dtype=np.int32)
         return tokens, positions, slots, tables, seq_lens, cu
 
+    def _run_buckets(self, rows: list[ScheduledSeq]) -> tuple[int, int]:
+        """The batch and page buckets a multi-step run over `rows` is padded to."""
+        return (
+            pick(self.cfg.decode_buckets, len(rows)),
+            pick(self.page_buckets(True), _pages_needed(rows)),
+        )
+
     def _run_arrays(
         self,
         rows: list[ScheduledSeq],
+        b: int,
+        p: int,
         specs: list[RowSpec],
         kinds: list[RowSpec],
         follows: bool = False,
     ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
-        """The padded inputs of a multi-step run over `rows` sampled by `specs`, and the flags
-        of the sampler compiled for rows like `kinds` (a superset of theirs serves them too);
-        `follows`: its input tokens are the previous run's last samples."""
-        b = pick(self.cfg.decode_buckets, len(rows))
-        p = pick(self.page_buckets(True), _pages_needed(rows))
+        """The inputs of a multi-step run over `rows` sampled by `specs`, padded to `b` rows
+        and `p` pages per row, and the flags of the sampler compiled for rows like `kinds` (a
+        superset of theirs serves them too); `follows`: its input tokens are the previous run's
+        last samples."""
         tokens, positions, slots, tables, seq_lens, cu = self._decode_arrays(rows, b, p)
         last_pos = np.zeros(b, np.int32)
         last_pos[: len(rows)] = [r.start_pos + r.num_steps - 1 for r in rows]
@@ -692,8 +700,11 @@ class Engine:
         if plan.page_copies:
             self._copy(plan.page_copies)
         row_specs = [specs[r.seq_id] for r in rows]
-        arrays, flags = self._run_arrays(rows, row_specs, kinds or row_specs, plan.follows_run)
-        steps = self._run_steps(plan.num_steps, arrays, flags)
+        b, p = self._run_buckets(rows)
+        arrays, flags = self._run_arrays(
+            rows, b, p, row_specs, kinds or row_specs, plan.follows_run
+        )
+        steps = self._run_steps(plan.num_steps, (b, p), flags)
         out = self._device(_OP_DECODE_RUN, arrays, (*flags, steps))
         self._last_run_rows = seq_ids
         return PendingRun(plan, row_specs, out)
@@ -715,18 +726,15 @@ class Engine:
                 ]
         return result
 
-    def _run_steps(
-        self, needed: int, arrays: tuple[np.ndarray, ...], flags: tuple[int, ...]
-    ) -> int:
-        """Decode iterations a run with these inputs loops: `decode_steps`, or `needed` when no
+    def _run_steps(self, needed: int, buckets: tuple[int, int], flags: tuple[int, ...]) -> int:
+        """Decode iterations a run of these (batch, page) buckets and sampler flags loops: `decode_steps`, or `needed` when no
         row needs them all and that variant is compiled. Rows that end together end on such a
         run (a batch whose `max_tokens` is a multiple of `decode_steps` ends on one of
         `decode_steps - 1`, the prefill having sampled the first token), which would otherwise
         compute iterations nobody keeps. The variant compiles in the background on first use."""
         if needed >= self.cfg.decode_steps:
             return self.cfg.decode_steps
-        b, p = arrays[4].shape  # the block tables: (batch bucket, page bucket)
-        short = self._run_compile((b, p, *(bool(f) for f in flags)), needed)
+        short = self._run_compile((*buckets, *(bool(f) for f in flags)), needed)
         return needed if short.done() and short.exception() is None else self.cfg.decode_steps
 
     def decode_run_ready(self, num_rows: int, context_len: int, specs: list[RowSpec]) -> bool:
@@ -792,7 +800,7 @@ class Engine:
             top_k=1 if flags[1] else 0,
             want_logprobs=flags[2],
         )
-        arrays, sample_flags = self._run_arrays(rows, [spec] * b, [spec])
+        arrays, sample_flags = self._run_arrays(rows, b, p, [spec] * b, [spec])
         self._compile(_OP_DECODE_RUN, arrays, (*sample_flags, steps))
 
     def _sample(self, source: int, rows: list[ScheduledSeq], specs: dict[int, RowSpec]):
