@@ -727,11 +727,12 @@ class Engine:
         return result
 
     def _run_steps(self, needed: int, buckets: tuple[int, int], flags: tuple[int, ...]) -> int:
-        """Decode iterations a run of these (batch, page) buckets and sampler flags loops: `decode_steps`, or `needed` when no
-        row needs them all and that variant is compiled. Rows that end together end on such a
-        run (a batch whose `max_tokens` is a multiple of `decode_steps` ends on one of
-        `decode_steps - 1`, the prefill having sampled the first token), which would otherwise
-        compute iterations nobody keeps. The variant compiles in the background on first use."""
+        """Decode iterations a run of these (batch, page) buckets and sampler flags loops:
+        `decode_steps`, or `needed` when no row needs them all and that variant is compiled.
+        Rows that end together end on such a run (a batch whose `max_tokens` is a multiple of
+        `decode_steps` ends on one of `decode_steps - 1`, the prefill having sampled the first
+        token), which would otherwise compute iterations nobody keeps. The variant compiles in
+        the background on first use."""
         if needed >= self.cfg.decode_steps:
             return self.cfg.decode_steps
         short = self._run_compile((*buckets, *(bool(f) for f in flags)), needed)
