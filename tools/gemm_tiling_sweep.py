@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 
 import jax
@@ -84,6 +85,7 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(1), (args.rows, k)).astype(jnp.bfloat16)
     base = {"xla_gpu_graph_min_graph_size": 1}
     report = {
+        "command_line": " ".join(["python", *sys.argv]),
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "shape": [k, n],
