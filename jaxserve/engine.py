@@ -541,12 +541,10 @@ class Engine:
         cu = np.arange(b + 1, dtype=np.int32)
         return tokens, positions, slots, tables, seq_lens, cu
 
-    def _run_buckets(self, rows: list[ScheduledSeq]) -> tuple[int, int]:
-        """The batch and page buckets a multi-step run over `rows` is padded to."""
-        return (
-            pick(self.cfg.decode_buckets, len(rows)),
-            pick(self.page_buckets(True), _pages_needed(rows)),
-        )
+    def _run_buckets(self, num_rows: int, pages: int) -> tuple[int, int]:
+        """The batch and page buckets a multi-step run of `num_rows` rows with block tables of
+        at most `pages` pages is padded to."""
+        return pick(self.cfg.decode_buckets, num_rows), pick(self.page_buckets(True), pages)
 
     def _run_arrays(
         self,
@@ -700,7 +698,7 @@ class Engine:
         if plan.page_copies:
             self._copy(plan.page_copies)
         row_specs = [specs[r.seq_id] for r in rows]
-        b, p = self._run_buckets(rows)
+        b, p = self._run_buckets(len(rows), _pages_needed(rows))
         arrays, flags = self._run_arrays(
             rows, b, p, row_specs, kinds or row_specs, plan.follows_run
         )
@@ -745,12 +743,8 @@ class Engine:
         if self.cfg.decode_steps < 2 or num_rows > self.cfg.max_num_seqs:
             return False
         flags = sampler_flags(specs)
-        key = (
-            pick(self.cfg.decode_buckets, num_rows),
-            pick(self.page_buckets(True), math.ceil(context_len / self.cfg.page_size)),
-            *(flags[k] for k in _SAMPLE_FLAGS),
-        )
-        future = self._run_compile(key)
+        buckets = self._run_buckets(num_rows, math.ceil(context_len / self.cfg.page_size))
+        future = self._run_compile((*buckets, *(flags[k] for k in _SAMPLE_FLAGS)))
         return future.done() and future.exception() is None
 
     def finish_compiles(self) -> None:
