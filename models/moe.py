@@ -43,8 +43,11 @@ class DenseMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.gate_up[...].astype(x.dtype)
-        y = jnp.einsum("...d,dkf->...kf", x, w, preferred_element_type=jnp.float32)
-        y = y.astype(x.dtype)
+        # Written in x's dtype by the GEMM itself (which still accumulates in f32 on GPUs and
+        # CPUs): asked for f32 and converted after, this [N, 2, f] product got a convert kernel
+        # of its own wherever cuBLAS ran it — a pass over 3x its bf16 size, 1.07 s of a Llama-3-8B
+        # offline run (docs/perf/engine_h100.md, item 21).
+        y = jnp.einsum("...d,dkf->...kf", x, w, preferred_element_type=x.dtype)
         return self.down_proj(jax.nn.silu(y[..., 0, :]) * y[..., 1, :])
 
 
