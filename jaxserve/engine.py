@@ -532,11 +532,13 @@ class Engine:
         positions = np.zeros(b, np.int32)
         slots = np.zeros(b, np.int32)  # padding rows write into page 0
         seq_lens = np.zeros(b, np.int32)
-        for i, r in enumerate(rows):
-            tokens[i] = r.token_ids[0]
-            positions[i] = r.start_pos
-            slots[i] = self._slots(r)[0]
-            seq_lens[i] = r.start_pos + 1
+        n, ps = len(rows), self.cfg.page_size
+        # Built as lists, one assignment per array: a run dispatches up to max_num_seqs rows.
+        pos = [r.start_pos for r in rows]
+        tokens[:n] = [r.token_ids[0] for r in rows]
+        positions[:n] = pos
+        slots[:n] = [r.block_table[q // ps] * ps + q % ps for r, q in zip(rows, pos, strict=True)]
+        seq_lens[:n] = positions[:n] + 1
         tables = self._tables(rows, b, p)
         cu = np.arange(b + 1, dtype=np.int32)
         return tokens, positions, slots, tables, seq_lens, cu
