@@ -509,9 +509,7 @@ class Engine:
     def _slots(self, row: ScheduledSeq) -> np.ndarray:
         pos = np.arange(row.start_pos, row.start_pos + len(row.token_ids))
         table = np.asarray(row.block_table, np.int64)
-        return (
-            table[pos // self.cfg.page_size] * self.cfg.page_size + pos % self.cfg.page_size
-        ).astype(np.int32)
+        return _slot(table, pos, self.cfg.page_size).astype(np.int32)
 
     def _meta(self, slots, tables, seq_lens, cu, is_decode: bool) -> AttentionMetadata:
         return AttentionMetadata(
@@ -537,7 +535,7 @@ class Engine:
         pos = [r.start_pos for r in rows]
         tokens[:n] = [r.token_ids[0] for r in rows]
         positions[:n] = pos
-        slots[:n] = [r.block_table[q // ps] * ps + q % ps for r, q in zip(rows, pos, strict=True)]
+        slots[:n] = [_slot(r.block_table, q, ps) for r, q in zip(rows, pos, strict=True)]
         seq_lens[:n] = positions[:n] + 1
         tables = self._tables(rows, b, p)
         cu = np.arange(b + 1, dtype=np.int32)
@@ -1177,6 +1175,12 @@ def _pages_needed(rows: list[ScheduledSeq]) -> int:
 # int32 words: XLA hands a kernel a slice of a buffer as a view into it, and Mosaic GPU kernels
 # want their inputs 256-byte aligned.
 _PACK_ALIGN = 64
+
+
+def _slot(table, pos, page_size: int):
+    """The cache slot of position `pos` (an int, or an array of them) of a sequence whose pages
+    are `table` (a list, or an array when `pos` is one)."""
+    return table[pos // page_size] * page_size + pos % page_size
 
 
 def _pack_host_arrays(fn, device: tuple, host: tuple) -> tuple:
