@@ -12,7 +12,10 @@ device computes while the host applies tokens, streams text and plans. Likewise 
 completes the prompt of every running sequence dispatches their first run before it reads back
 their first tokens (the run is chained onto the prefill). A sequence that stops (a stop token or
 string) computes one run past its end, which is dropped; a request that arrives meanwhile is
-admitted one run later.
+admitted one run later. And while single steps compute, a step of prompt tokens alone (the rest
+of a chunked prompt, then waiting prompts: nothing that depends on their samples) is dispatched
+before they are read back (`Scheduler.schedule_prefill_ahead`), so that the device computes it
+while the host applies their tokens and plans the next step; it is read back one step later.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from jax.sharding import Mesh
 import models
 from jaxserve import compile_cache, sharding
 from jaxserve.beam_search import BeamSearch
-from jaxserve.engine import Engine, EngineConfig, PendingRun
+from jaxserve.engine import Engine, EngineConfig, PendingRun, PendingStep
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.sampling import RowSpec
 from jaxserve.sampling_params import SamplingParams
@@ -117,6 +120,9 @@ class LLMEngine:
         self.decode_runs_total = 0  # multi-step decode calls
         # A run dispatched and not yet read back, with the sampling kinds it was compiled for.
         self._inflight: tuple[PendingRun, list[RowSpec]] | None = None
+        # A step of prompts admitted ahead (`Scheduler.schedule_prefill_ahead`), dispatched and
+        # not yet read back.
+        self._ahead: tuple[StepPlan, PendingStep] | None = None
         _freeze_heap()
 
     # ---- construction -------------------------------------------------------------------------
@@ -304,7 +310,12 @@ class LLMEngine:
         self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted) or self._inflight is not None
+        return (
+            bool(self._requests)
+            or bool(self._aborted)
+            or self._inflight is not None
+            or self._ahead is not None
+        )
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -316,12 +327,12 @@ class LLMEngine:
         except Exception:
             # Nothing in flight is read back: the scheduler forgets what it planned (the
             # caller fails and aborts the requests).
-            self._inflight = None
+            self._inflight = self._ahead = None
             self.scheduler.cancel_pending()
             raise
 
     def _step(self) -> list[RequestOutput]:
-        if self._inflight is None:
+        if self._inflight is None and self._ahead is None:
             plan, kinds = self._schedule_run()
             if plan is not None:
                 self._inflight = self._dispatch_run(plan, kinds, 0)
@@ -331,8 +342,24 @@ class LLMEngine:
                 self._inflight = self._dispatch_next_run(current.plan, kinds)
             return self._collect_run(current)
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
+        step = None if plan.is_empty else self._dispatch_step(plan)
+        ahead = None
+        if self.engine.cfg.async_scheduling and self._inflight is None:
+            # Prompts admitted now compute while the host reads back and applies the steps in
+            # flight and plans the next one.
+            ahead_plan = self.scheduler.schedule_prefill_ahead()
+            if ahead_plan is not None:
+                ahead = self._dispatch_step(ahead_plan)
+        touched: dict[str, _Request] = {}
+        for done in (self._ahead, step):
+            if done is not None:
+                touched.update(self._collect_step(*done))
+        self._ahead = ahead
+        return self._flush(touched.values())
+
+    def _dispatch_step(self, plan: StepPlan) -> tuple[StepPlan, PendingStep]:
+        """Starts a single step (and, when it completes every running prompt, their first run,
+        chained onto it: `_chain_kinds`)."""
         now = time.time()
         specs, targets = self._row_specs(plan)
         for row in (*plan.decode, *plan.prefill):
@@ -340,12 +367,17 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = self.scheduler.num_cached_tokens(row.request_id)
-        kinds = self._chain_kinds(plan, targets)
+        kinds = None if self._ahead is not None or plan.ahead else self._chain_kinds(plan, targets)
         pending = self.engine.dispatch_step(plan, specs, targets, into_carry=kinds is not None)
         if pending.in_carry:
             # The rows' first run computes while the host reads their first tokens back and
             # applies them; the next step collects it.
             self._inflight = self._dispatch_next_run(plan, kinds)
+        return plan, pending
+
+    def _collect_step(self, plan: StepPlan, pending: PendingStep) -> dict[str, _Request]:
+        """Reads a dispatched single step back and applies its tokens; returns the requests
+        that advanced, by id."""
         result = self.engine.collect_step(pending)
         updates = self.scheduler.update(plan, result.tokens)
         for rid, entries in result.prompt_logprobs.items():
@@ -357,7 +389,7 @@ class LLMEngine:
         touched = self._apply_updates(updates, [result.logprobs.get(u.seq_id) for u in updates])
         for req in self._advance_beams(plan, result.logprobs):
             touched[req.request_id] = req
-        return self._flush(touched.values())
+        return touched
 
     def _dispatch_run(
         self, plan: StepPlan, kinds: list[RowSpec], ahead: int

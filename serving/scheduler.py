@@ -28,9 +28,16 @@ schedules while the device computes. A sequence that does stop in the first run 
 of the second, whose `update_run` skips it. A step that completes the prompt of every running
 sequence (each sampling one token) may be followed the same way by their first run.
 
+Prompts admitted ahead (`schedule_prefill_ahead`): while single steps compute, a step of waiting
+prompts alone may be planned before their update, since admission depends on nothing they
+sample; the engine dispatches it before reading them back, so the device is not idle while the
+host applies tokens and plans. The next `schedule()` may then run before that plan's update: its
+sequences sit it out, and it preempts nothing (a victim could be one of theirs).
+
 Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
 alternate, except that one `schedule_next_run` plan may follow a run, or a step completing
-prompts, before its update; plans are updated in the order they were made. `update` must see
+prompts, before its update, and `schedule_prefill_ahead` plans may follow single steps, and
+`schedule()` follow those, before their updates; plans are updated in the order they were made. `update` must see
 every non-empty plan (with `{}` when it samples nothing). `add_request`, `abort_request` and
 `finish_seq` may be called at any point in between; the beam primitives after `update`, before
 the next `schedule()`.
@@ -88,6 +95,11 @@ class StepPlan:
     # it, whose last samples (on the device, not yet known here) are its input tokens;
     # `token_ids` then hold -1.
     follows_run: bool = False
+    # A `schedule_prefill_ahead` plan: waiting prompts admitted while the plans before it compute.
+    ahead: bool = False
+    # Prefix-cache hashes of the full prompt pages it computes (registered at its update): a
+    # prompt admitted by a later plan meanwhile waits for them instead of computing them too.
+    computes: set[bytes] = field(default_factory=set)
 
     @property
     def num_tokens(self) -> int:
@@ -329,8 +341,11 @@ class Scheduler:
         or their next prompt chunk), preempting from the newest when pages run out; then, if
         nothing was preempted, waiting sequences in FCFS order while budget, slots and pages last,
         each starting after its cached prefix. Beams awaiting the search's decision sit out."""
-        if self._pending:
+        if any(not p.ahead for p in self._pending):
             raise RuntimeError("update() the previous plan before scheduling the next step")
+        # Plans still computing (`schedule_prefill_ahead`): their sequences sit this step out,
+        # and nothing is preempted, since a victim could be one of theirs.
+        computing_ahead = bool(self._pending)
         bm = self.block_manager
         budget = self.max_num_batched_tokens
         decode: list[ScheduledSeq] = []
@@ -338,6 +353,7 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted: list[str] = []
         forks: dict[int, list[_Seq]] = {}
+        stalled = False
 
         # Mid-prefill sequences always trail the decoding ones in `_running`: a prompt chunk can
         # only leave budget over by completing its prompt, so prompts complete in admission
@@ -347,11 +363,16 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            if seq.awaiting:  # nothing to compute until the beam search extends it
+            num_new = min(len(seq.token_ids) - seq.num_computed, budget)
+            # Awaiting beams compute nothing until the search extends them; a sequence with no
+            # token left to compute has them all in a plan still computing.
+            if seq.awaiting or num_new == 0:
                 i += 1
                 continue
-            num_new = min(len(seq.token_ids) - seq.num_computed, budget)
             start, end = seq.num_computed, seq.num_computed + num_new
+            if computing_ahead and not bm.can_write(seq.block_table, start, end):
+                stalled = True  # it and the rest wait for those plans' update
+                break
             # Victims are the newest awaiting beams, which have no row and cannot move before
             # their siblings do, then the tail, i.e. the rows not scheduled yet this step.
             while not bm.can_write(seq.block_table, start, end):
@@ -375,55 +396,142 @@ class Scheduler:
             self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
 
         # Admitting while running sequences are being evicted would only evict them again.
-        if not preempted:
-            slots = self._slots_in_use()
-            computing: set[bytes] = set()  # full pages the prompts admitted below will compute
-            while budget > 0 and len(prefill) < self.max_prefill_seqs:
-                # Awaiting beams (preempted after being sampled) need nothing until extended.
-                seq = next((s for s in self._waiting if not s.awaiting), None)
-                if seq is None:
-                    break
-                prefix = self._cached_prefix(seq)
-                if self._computed_by_another(seq, len(prefix), computing):
-                    break  # next step it finds those pages cached instead of computing them too
-                start = len(prefix) * bm.page_size
-                num_new = min(len(seq.token_ids) - start, budget)
-                need_slots = self._slots_to_admit(seq)
-                pages = bm.pages_to_attach(prefix) + bm.pages_needed(prefix, start, start + num_new)
-                if slots + need_slots > self.max_num_seqs or not bm.can_allocate(pages):
-                    if decode or prefill or not self._running or not self._running[-1].awaiting:
-                        break
-                    # Nothing runs, so every running sequence is an awaiting beam, maybe waiting
-                    # for this very sequence: make room, or nothing would ever run again.
-                    victim = self._running.pop(self._victim_index())
-                    self._preempt(victim)
-                    preempted.append(victim.request.request_id)
-                    slots = self._slots_in_use()
-                    continue
-                self._waiting.remove(seq)
-                slots += need_slots
-                seq.block_table = bm.attach(prefix)
-                seq.num_computed = start
-                seq.num_registered = len(prefix)
-                request = seq.request
-                if request.num_cached_tokens is None:
-                    request.num_cached_tokens = start
-                if self.enable_prefix_caching and request.reads_cache:
-                    self.prefix_cache_queries += len(seq.token_ids)
-                    self.prefix_cache_hits += start
-                copies += bm.prepare_write(seq.block_table, start, start + num_new)
-                if self.enable_prefix_caching and request.reads_cache:
-                    full = (start + num_new) // bm.page_size
-                    computing.update(self._page_hashes(seq, full)[len(prefix) :])
-                row, children = self._schedule_row(seq, num_new)
-                prefill.append(row)
-                budget -= num_new
-                self._running += [seq, *children]
+        computes: set[bytes] = set()
+        if not preempted and not stalled:
+            self._admit(budget, decode, prefill, copies, preempted, computes)
 
-        plan = StepPlan(decode=decode, prefill=prefill, page_copies=copies, preempted=preempted)
+        plan = StepPlan(
+            decode=decode,
+            prefill=prefill,
+            page_copies=copies,
+            preempted=preempted,
+            computes=computes,
+        )
         if not plan.is_empty:
             self._pending.append(plan)
         return plan
+
+    def schedule_prefill_ahead(self) -> StepPlan | None:
+        """While the plans made last compute (single steps, not yet updated), plans a step of
+        prompt tokens alone: the rest of a running prompt cut by the last step's budget, then
+        waiting prompts. None of it depends on what those plans sample, so the engine can
+        dispatch it before reading them back, and the device computes it while the host applies
+        their tokens and plans the step after. As in `schedule()`: running prompts first, then
+        admission FCFS within the token, row, slot and page budgets; except that nothing is
+        preempted, admission stops at a beam search, and one page per running sequence stays
+        free (each one's next token may open a page), so that the next `schedule()`, which
+        cannot preempt while this plan computes, rarely has to leave a row out. Returns None
+        unless single steps are pending, no beam search runs, and there is a prompt token to
+        compute."""
+        if not self._pending or any(p.num_steps > 1 for p in self._pending):
+            return None
+        if any(s.request.beam_width for s in self._running):
+            return None
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        reserve = len(self._running)
+        prefill: list[ScheduledSeq] = []
+        copies: list[tuple[int, int]] = []
+        forks: dict[int, list[_Seq]] = {}
+        for seq in self._running:  # prompts mid-prefill trail the decoding sequences
+            if not seq.is_prefilling or seq.num_computed == len(seq.token_ids):
+                continue
+            num_new = min(len(seq.token_ids) - seq.num_computed, budget)
+            start, end = seq.num_computed, seq.num_computed + num_new
+            if not bm.can_allocate(bm.pages_needed(seq.block_table, start, end) + reserve):
+                break
+            copies += bm.prepare_write(seq.block_table, start, end)
+            row, children = self._schedule_row(seq, num_new)
+            prefill.append(row)
+            budget -= num_new
+            if children:
+                forks[seq.seq_id] = children
+            if budget == 0:
+                break
+        if forks:
+            self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
+        computes: set[bytes] = set()
+        if budget and not any(
+            s.is_prefilling and s.num_computed < len(s.token_ids) for s in self._running
+        ):
+            self._admit(budget, [], prefill, copies, [], computes, ahead=True)
+        if not prefill:
+            return None
+        plan = StepPlan(
+            decode=[],
+            prefill=prefill,
+            page_copies=copies,
+            preempted=[],
+            ahead=True,
+            computes=computes,
+        )
+        self._pending.append(plan)
+        return plan
+
+    def _admit(
+        self,
+        budget: int,
+        decode: list[ScheduledSeq],
+        prefill: list[ScheduledSeq],
+        copies: list[tuple[int, int]],
+        preempted: list[str],
+        computes: set[bytes],
+        ahead: bool = False,
+    ) -> None:
+        """Admits waiting sequences in FCFS order while `budget` tokens, prefill rows, batch
+        slots and pages last, each starting after its cached prefix; their rows go to `prefill`,
+        their page copies to `copies`, the full pages they compute to `computes`. `ahead`: for
+        `schedule_prefill_ahead` (no beams, no preemption, a page kept per running sequence)."""
+        bm = self.block_manager
+        reserve = len(self._running) if ahead else 0
+        slots = self._slots_in_use()
+        while budget > 0 and len(prefill) < self.max_prefill_seqs:
+            # Awaiting beams (preempted after being sampled) need nothing until extended.
+            seq = next((s for s in self._waiting if not s.awaiting), None)
+            if seq is None or (ahead and seq.request.beam_width):
+                break
+            prefix = self._cached_prefix(seq)
+            if self._computed_by_another(seq, len(prefix), computes):
+                break  # a later step finds those pages cached instead of computing them too
+            start = len(prefix) * bm.page_size
+            num_new = min(len(seq.token_ids) - start, budget)
+            need_slots = self._slots_to_admit(seq)
+            pages = bm.pages_to_attach(prefix) + bm.pages_needed(prefix, start, start + num_new)
+            if slots + need_slots > self.max_num_seqs or not bm.can_allocate(pages + reserve):
+                if (
+                    ahead
+                    or decode
+                    or prefill
+                    or not self._running
+                    or not self._running[-1].awaiting
+                ):
+                    break
+                # Nothing runs, so every running sequence is an awaiting beam, maybe waiting
+                # for this very sequence: make room, or nothing would ever run again.
+                victim = self._running.pop(self._victim_index())
+                self._preempt(victim)
+                preempted.append(victim.request.request_id)
+                slots = self._slots_in_use()
+                continue
+            self._waiting.remove(seq)
+            slots += need_slots
+            seq.block_table = bm.attach(prefix)
+            seq.num_computed = start
+            seq.num_registered = len(prefix)
+            request = seq.request
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = start
+            if self.enable_prefix_caching and request.reads_cache:
+                self.prefix_cache_queries += len(seq.token_ids)
+                self.prefix_cache_hits += start
+            copies += bm.prepare_write(seq.block_table, start, start + num_new)
+            if self.enable_prefix_caching and request.reads_cache:
+                full = (start + num_new) // bm.page_size
+                computes.update(self._page_hashes(seq, full)[len(prefix) :])
+            row, children = self._schedule_row(seq, num_new)
+            prefill.append(row)
+            budget -= num_new
+            self._running += [seq, *children]
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[SeqUpdate]:
         """Registers the pages `plan` filled in the prefix cache, appends the tokens sampled for
@@ -508,8 +616,8 @@ class Scheduler:
         updates that plan and schedules as usual, unless it is such a plan, every row still has
         a token to go after it, its rows are still exactly the running sequences, no waiting
         sequence has a batch slot to take, and the pages (and `ready`) allow the run."""
-        if len(self._pending) != 1:
-            return None
+        if len(self._pending) != 1 or self._pending[0].ahead:
+            return None  # (the engine dispatches a step admitted ahead with its samples apart)
         prev = self._pending[0]
         # The tokens each row gets from `prev`: a run's every step, or a prefill's one sample.
         if prev.prefill:
@@ -721,14 +829,18 @@ class Scheduler:
 
     def _computed_by_another(self, seq: _Seq, num_cached: int, computing: set[bytes]) -> bool:
         """Whether the first full page of a waiting sequence's tokens past its `num_cached`
-        cached ones is being computed this step by a prompt admitted before it (a shared system
-        prompt arriving in a burst): it then waits a step and attaches that page from the cache
-        rather than computing the same K/V twice."""
-        if not computing or not self.enable_prefix_caching or not seq.request.reads_cache:
+        cached ones is being computed by a prompt admitted before it, in this step (`computing`)
+        or in a plan not yet updated (a shared system prompt arriving in a burst): it then waits
+        and attaches that page from the cache rather than computing the same K/V twice."""
+        if not self.enable_prefix_caching or not seq.request.reads_cache:
+            return False
+        others = [p.computes for p in self._pending if p.computes]
+        if not computing and not others:
             return False
         if (len(seq.token_ids) - 1) // self.block_manager.page_size <= num_cached:
             return False  # no further full page it could take from the cache
-        return self._page_hashes(seq, num_cached + 1)[num_cached] in computing
+        page = self._page_hashes(seq, num_cached + 1)[num_cached]
+        return page in computing or any(page in c for c in others)
 
     def _register_full_pages(self, seq: _Seq, num_done: int) -> None:
         """Offers the pages a step has just filled with computed K/V (its first `num_done`

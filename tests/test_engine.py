@@ -625,3 +625,38 @@ def test_bucket_ladders():
     assert geometric_upto(2048, 16, 2, coarse_below=256) == (16, 64, 256, 512, 1024, 2048)
     assert geometric_upto(100, 16, 2, coarse_below=256) == (16, 64, 100)
     assert geometric_upto(8, 8, 2, coarse_below=128) == (8,)
+
+
+def test_prompts_admitted_ahead_give_the_outputs_of_steps_read_back_first(tiny_model):
+    """With asynchronous scheduling a step of waiting prompts is dispatched before the step in
+    flight is read back (`Scheduler.schedule_prefill_ahead`). More prompts than one step's
+    budget, greedy and seeded sampling with logprobs, n > 1, a stop token and prompt logprobs:
+    the same tokens, logprobs and finish reasons as with every step read back first, and no
+    page held at the end."""
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [9, 14, 6, 11, 13, 8, 10, 12, 7, 9], seed=21)
+    free = make_llm(model).generate([prompts[3]], ids_params(temperature=0.0, max_tokens=12))
+    free = free[0].outputs[0].token_ids
+    k = next(i for i in range(4, len(free)) if free[i] not in free[:i])
+    kinds = [
+        ids_params(temperature=0.0, max_tokens=9, logprobs=2),
+        ids_params(temperature=0.9, top_p=0.9, seed=5, max_tokens=7, n=2),
+        ids_params(temperature=0.0, max_tokens=8, prompt_logprobs=1),
+        ids_params(temperature=0.0, max_tokens=12, stop_token_ids=[free[k]]),
+        ids_params(temperature=1.0, seed=8, max_tokens=6, logprobs=1),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    outs, ahead = {}, {}
+    for on in (False, True):
+        llm = make_llm(model, async_scheduling=on, max_num_seqs=16, max_prefill_seqs=2)
+        sched = llm.engine.scheduler
+        plan_ahead, planned = sched.schedule_prefill_ahead, []
+        sched.schedule_prefill_ahead = lambda f=plan_ahead, p=planned: p.append(f()) or p[-1]
+        outs[on] = llm.generate(prompts, params)
+        ahead[on] = sum(p is not None for p in planned)
+        assert llm.engine.stats()["kv_used_tokens"] == 0
+    assert ahead[False] == 0 and ahead[True] >= 2
+    assert outs[True][3].outputs[0].token_ids == free[: k + 1]
+    assert_same_completions(outs[False], outs[True])
+    for a, b in zip(outs[False], outs[True], strict=True):
+        assert a.prompt_logprobs == b.prompt_logprobs

@@ -65,6 +65,8 @@ class Harness:
         # and its samples wait here.
         self.ahead = ahead
         self.next_run: tuple[StepPlan, dict[int, list[int]]] | None = None
+        # With `ahead`: a step of prompts admitted ahead, computed and not yet updated.
+        self.prefill_ahead: tuple[StepPlan, dict[int, int]] | None = None
         bm = self.sched.block_manager
         self.page_size = bm.page_size
         self.pages: list[list[int | None]] = [[None] * bm.page_size for _ in range(bm.num_pages)]
@@ -206,11 +208,14 @@ class Harness:
 
     def step(self, between: Callable[[], None] | None = None) -> tuple[StepPlan, list[SeqUpdate]]:
         """One schedule → execute → update round (a multi-step run when the harness runs them and
-        the scheduler plans one); `between` runs after scheduling."""
+        the scheduler plans one); `between` runs after scheduling. With `ahead`, as the engine's
+        asynchronous scheduling: after a single step, a step of prompts admitted ahead is
+        planned and computed before that step's update, and updated in the next round, after
+        the step that round plans (which it precedes on the device)."""
         plan = None
         if self.next_run is not None:
             (plan, runs), self.next_run = self.next_run, None
-        elif self.decode_steps > 1:
+        elif self.decode_steps > 1 and self.prefill_ahead is None:
             plan = self.sched.schedule_decode_run(self.decode_steps)
             if plan is not None:
                 runs = self.execute_run(plan)
@@ -220,6 +225,7 @@ class Harness:
             if between is not None:
                 between()
             updates = self.sched.update_run(plan, runs)
+            self._record(plan, updates, runs)
         else:
             plan = self.sched.schedule()
             assert plan.num_tokens <= self.sched.max_num_batched_tokens
@@ -228,16 +234,39 @@ class Harness:
             if self.ahead and (nxt := self.sched.schedule_next_run(self.decode_steps)):
                 chained = {sid: [token] for sid, token in sampled.items()}
                 self.next_run = nxt, self.execute_run(nxt, prev=chained)
+            ahead = None
+            if self.ahead and self.next_run is None:
+                if (first := self.sched.schedule_prefill_ahead()) is not None:
+                    assert (
+                        not first.decode and first.num_tokens <= self.sched.max_num_batched_tokens
+                    )
+                    assert len(first.prefill) <= self.sched.max_prefill_seqs
+                    ahead = first, self.execute(first)
             if between is not None:
                 between()
-            updates = self.sched.update(plan, sampled)
+            updates = []
+            if self.prefill_ahead is not None:
+                earlier, earlier_sampled = self.prefill_ahead
+                updates = self.sched.update(earlier, earlier_sampled)
+                self._record(earlier, updates, earlier_sampled)
+            self.prefill_ahead = ahead
+            mine = self.sched.update(plan, sampled)
+            self._record(plan, mine, sampled)
+            updates += mine
+        check_pages(self.sched)
+        assert self.sched.num_running <= self.sched.max_num_seqs
+        return plan, updates
+
+    def _record(self, plan: StepPlan, updates: list[SeqUpdate], sampled: dict) -> None:
+        """Checks one plan's updates against what it sampled (a run's: every row's tokens in
+        order) and applies them to the client's view, then drives the beam searches."""
         self.plans.append(plan)
         seen: dict[int, int] = {}
         for u in updates:
             assert u.seq_id not in self.finished
             self.outputs.setdefault(u.seq_id, []).append(u.token_id)
             if plan.num_steps > 1:  # a run's updates give each row's tokens in order
-                assert u.token_id == runs[u.seq_id][seen.setdefault(u.seq_id, 0)]
+                assert u.token_id == sampled[u.seq_id][seen.setdefault(u.seq_id, 0)]
                 seen[u.seq_id] += 1
             else:
                 assert u.token_id == sampled[u.seq_id]
@@ -255,14 +284,15 @@ class Harness:
             if search.done:
                 self.beam_results[rid] = search.best()
                 del self.beams[rid]
-        check_pages(self.sched)
-        assert self.sched.num_running <= self.sched.max_num_seqs
-        return plan, updates
 
     def run(self, max_steps: int = 10_000) -> int:
         """Steps until nothing is left; returns the number of steps."""
         steps = 0
-        while self.sched.has_unfinished() or self.next_run is not None:
+        while (
+            self.sched.has_unfinished()
+            or self.next_run is not None
+            or self.prefill_ahead is not None
+        ):
             assert steps < max_steps, "scheduler did not terminate"
             self.step()
             steps += 1
@@ -1155,6 +1185,7 @@ def test_random_interleavings_never_leak_pages_and_terminate(
         ("beam search", h.beam_results),
         ("multi-step run", any(p.num_steps > 1 for p in h.plans)),
         ("run planned ahead", any(p.follows_run for p in h.plans)),
+        ("prompts admitted ahead", any(p.ahead for p in h.plans)),
         (
             "run chained onto prompts",
             any(p.prefill and q.follows_run for p, q in pairwise(h.plans)),
@@ -1368,7 +1399,9 @@ def test_the_first_run_is_chained_onto_the_step_that_completes_every_prompt():
         return h.next_run is not None
 
     assert chained({}, {})
-    assert chained({}, max_num_batched_tokens=8)  # the step completing a chunked prompt
+    # A chunked prompt's last chunk is planned ahead of the step before it (no chain: that
+    # step's samples are read back on their own).
+    assert not chained({}, max_num_batched_tokens=8)
     assert not chained({}, {"n": 2})  # a fork
     assert not chained({}, {"max_tokens": 1})  # its first token surely ends it
     assert not chained({}, {}, max_prefill_seqs=1)  # the second waits with a slot to take
@@ -1403,3 +1436,176 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
     assert rows["b"].start_pos == 12 and rows["c"].start_pos == 0
     assert h.sched.num_cached_tokens("b") == 12
     h.run()
+
+
+# --- prompts admitted ahead --------------------------------------------------------------------
+
+
+def sample_all(plan: StepPlan, token: int = 1) -> dict[int, int]:
+    return {sid: token for row in (*plan.decode, *plan.prefill) for sid in row.sample_seq_ids}
+
+
+def test_prompts_are_admitted_ahead_while_a_step_computes_and_sit_out_the_next_plan():
+    sched = Scheduler(**config(max_num_batched_tokens=16))
+    for rid in "abcd":
+        sched.add_request(rid, prompt(8, ord(rid)), n=1, max_tokens=4)
+    assert sched.schedule_prefill_ahead() is None  # nothing computing
+    first = sched.schedule()
+    assert [r.request_id for r in first.prefill] == ["a", "b"]
+    ahead = sched.schedule_prefill_ahead()
+    assert ahead.ahead and not ahead.decode
+    assert [(r.request_id, r.start_pos, len(r.token_ids)) for r in ahead.prefill] == [
+        ("c", 0, 8),
+        ("d", 0, 8),
+    ]
+    with pytest.raises(RuntimeError, match="update"):
+        sched.schedule()  # `first` is not an ahead plan: it is updated first
+    sched.update(first, sample_all(first))
+    second = sched.schedule()  # c and d are computing: a and b decode alone
+    assert [r.request_id for r in second.decode] == ["a", "b"] and not second.prefill
+    with pytest.raises(ValueError, match="^plan:"):
+        sched.update(second, sample_all(second))  # plans are updated in order
+    assert [u.request_id for u in sched.update(ahead, sample_all(ahead))] == ["c", "d"]
+    sched.update(second, sample_all(second))
+    assert sorted(r.request_id for r in sched.schedule().decode) == ["a", "b", "c", "d"]
+
+
+def test_the_rest_of_a_chunked_prompt_goes_ahead_first_and_nothing_goes_ahead_of_a_run():
+    sched = Scheduler(**config(max_num_batched_tokens=16))
+    sched.add_request("long", prompt(20), n=1, max_tokens=4)
+    sched.add_request("next", prompt(4), n=1, max_tokens=4)
+    sched.add_request("third", prompt(14, 2), n=1, max_tokens=4)
+    plan = sched.schedule()  # 16 of long's 20 prompt tokens
+    ahead = sched.schedule_prefill_ahead()  # its last 4 first, then admission, FCFS
+    assert [(r.request_id, r.start_pos, len(r.token_ids)) for r in ahead.prefill] == [
+        ("long", 16, 4),
+        ("next", 0, 4),
+        ("third", 0, 8),
+    ]
+    assert ahead.prefill[0].sample_seq_ids and not ahead.prefill[2].sample_seq_ids
+    sched.update(plan, {})
+    plan = sched.schedule()  # third's last 6 tokens; long and next are computing
+    assert [(r.request_id, r.start_pos) for r in plan.prefill] == [("third", 8)]
+    assert not plan.decode
+    sched.update(ahead, sample_all(ahead))
+    sched.update(plan, sample_all(plan))
+    run = sched.schedule_decode_run(2)
+    assert run is not None
+    sched.add_request("late", prompt(4, 3), n=1, max_tokens=4)
+    assert sched.schedule_prefill_ahead() is None  # a run computing
+    sched.update_run(run, {r.seq_id: [1, 1] for r in run.decode})
+
+    beams = Scheduler(**config(max_num_batched_tokens=16))
+    beams.add_request("beam", prompt(4), n=1, max_tokens=4, beam_width=2)
+    beams.add_request("after", prompt(4, 1), n=1, max_tokens=4)
+    plan = beams.schedule()
+    assert [r.request_id for r in plan.prefill] == ["beam", "after"]
+    beams.add_request("plain", prompt(4, 2), n=1, max_tokens=4)
+    assert beams.schedule_prefill_ahead() is None  # a beam search runs
+
+
+def test_while_prompts_computed_ahead_a_step_stalls_instead_of_preempting():
+    # 8 usable pages of 4 tokens: a and b take 2 pages each, ahead c takes 2 and keeps 2 free
+    # (one per running sequence), so c's page-opening decode must wait for c's update.
+    sched = Scheduler(**config(num_pages=9, max_num_batched_tokens=16))
+    sched.add_request("a", prompt(8, 1), n=1, max_tokens=8)
+    sched.add_request("b", prompt(8, 2), n=1, max_tokens=8)
+    sched.add_request("c", prompt(8, 3), n=1, max_tokens=8)
+    sched.add_request("d", prompt(4, 4), n=1, max_tokens=8)
+    first = sched.schedule()
+    assert [r.request_id for r in first.prefill] == ["a", "b"]
+    ahead = sched.schedule_prefill_ahead()
+    assert [r.request_id for r in ahead.prefill] == ["c"]  # d would leave too few pages
+    assert sched.block_manager.num_free_pages == 2
+    sched.update(first, sample_all(first))
+    sched.block_manager.allocate(1)  # another user of the cache: one page left
+    second = sched.schedule()
+    assert [r.request_id for r in second.decode] == ["a"]  # b stalls; nothing preempted
+    assert not second.preempted and sched.num_preemptions == 0
+    sched.update(ahead, sample_all(ahead))
+    sched.update(second, sample_all(second))
+
+
+def test_a_prompt_waits_for_the_shared_pages_a_prompt_admitted_ahead_computes():
+    sched = Scheduler(**config(max_num_batched_tokens=16))
+    shared = prompt(12, 5)  # 3 full pages of 4
+    sched.add_request("first", prompt(16, 1), n=1, max_tokens=4)
+    sched.add_request("a", shared + [1], n=1, max_tokens=4)
+    plan = sched.schedule()
+    ahead = sched.schedule_prefill_ahead()
+    assert [r.request_id for r in ahead.prefill] == ["a"]
+    sched.add_request("b", shared + [2], n=1, max_tokens=4)
+    sched.update(plan, sample_all(plan))
+    second = sched.schedule()  # b's first page is in `ahead`, not yet cached: b waits
+    assert not second.prefill
+    sched.update(ahead, sample_all(ahead))
+    sched.update(second, sample_all(second))
+    third = sched.schedule()
+    assert [(r.request_id, r.start_pos) for r in third.prefill] == [("b", 12)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    page_size=st.integers(1, 4),
+    spare_pages=st.integers(0, 20),
+    max_num_seqs=st.integers(1, 6),
+    spare_budget=st.integers(0, 24),
+    max_prefill_seqs=st.integers(1, 4),
+    enable_prefix_caching=st.booleans(),
+    decode_steps=st.sampled_from([1, 4]),
+    requests=st.lists(
+        st.tuples(st.integers(1, 30), st.integers(1, 12), st.integers(0, 3)),
+        min_size=2,
+        max_size=12,
+    ),
+)
+def test_prompts_admitted_ahead_give_the_outputs_of_steps_updated_first(
+    page_size,
+    spare_pages,
+    max_num_seqs,
+    spare_budget,
+    max_prefill_seqs,
+    enable_prefix_caching,
+    decode_steps,
+    requests,
+):
+    """Asynchronous scheduling (runs planned ahead, prompts admitted ahead) against plain
+    alternation: every request's output tokens and finish are the same (the fake model samples
+    from the context it reads back through the pages), through preemption, chunking, prefix
+    sharing and stop tokens, and nothing leaks."""
+    max_model_len = 40
+    outs = {}
+    for ahead in (False, True):
+        h = Harness(
+            decode_steps=decode_steps,
+            ahead=ahead,
+            num_pages=1 + -(-max_model_len // page_size) + spare_pages,
+            page_size=page_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_seqs + spare_budget,
+            max_model_len=max_model_len,
+            max_prefill_seqs=max_prefill_seqs,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        for i, (length, max_tokens, seed) in enumerate(requests):
+            # Seeds repeat, so prompts share prefixes; token 3 stops some of them early.
+            h.add(
+                f"r{i}",
+                prompt(min(length, max_model_len - 1), seed),
+                max_tokens=max_tokens,
+                stop_token_ids=[3],
+            )
+        h.run()
+        event(f"prompts admitted ahead: {any(p.ahead for p in h.plans)}")
+        outs[ahead] = [
+            (
+                h.outputs_of(f"r{i}"),
+                [
+                    (u.finish_reason, u.stop_reason)
+                    for sid, u in h.finished.items()
+                    if h.seq_request[sid] == f"r{i}"
+                ],
+            )
+            for i in range(len(requests))
+        ]
+    assert outs[True] == outs[False]
