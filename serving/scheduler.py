@@ -28,11 +28,12 @@ schedules while the device computes. A sequence that does stop in the first run 
 of the second, whose `update_run` skips it. A step that completes the prompt of every running
 sequence (each sampling one token) may be followed the same way by their first run.
 
-Prompts admitted ahead (`schedule_prefill_ahead`): while single steps compute, a step of waiting
-prompts alone may be planned before their update, since admission depends on nothing they
-sample; the engine dispatches it before reading them back, so the device is not idle while the
-host applies tokens and plans. The next `schedule()` may then run before that plan's update: its
-sequences sit it out, and it preempts nothing (a victim could be one of theirs).
+Prompts admitted ahead (`schedule_prefill_ahead`): while single steps compute, a step of prompt
+tokens alone (the rest of a chunked prompt, then waiting prompts) may be planned before their
+update, since none of it depends on what they sample; the engine dispatches it before reading
+them back, so the device is not idle while the host applies tokens and plans. The next
+`schedule()` may then run before that plan's update: its sequences sit it out (but for the rest
+of a prompt it cut), and it preempts nothing (a victim could be one of theirs).
 
 Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
 alternate, except that one `schedule_next_run` plan may follow a run, or a step completing
@@ -434,7 +435,7 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         forks: dict[int, list[_Seq]] = {}
         for seq in self._running:  # prompts mid-prefill trail the decoding sequences
-            if not seq.is_prefilling or seq.num_computed == len(seq.token_ids):
+            if not seq.is_prefilling:
                 continue
             num_new = min(len(seq.token_ids) - seq.num_computed, budget)
             start, end = seq.num_computed, seq.num_computed + num_new
@@ -451,9 +452,7 @@ class Scheduler:
         if forks:
             self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
         computes: set[bytes] = set()
-        if budget and not any(
-            s.is_prefilling and s.num_computed < len(s.token_ids) for s in self._running
-        ):
+        if budget and not any(s.is_prefilling for s in self._running):
             self._admit(budget, [], prefill, copies, [], computes, ahead=True)
         if not prefill:
             return None

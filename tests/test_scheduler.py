@@ -1092,6 +1092,32 @@ op_st = st.one_of(
 )
 
 
+def fuzz_harness(
+    page_size: int,
+    max_model_len: int,
+    spare_pages: int,
+    max_num_seqs: int,
+    spare_budget: int,
+    max_prefill_seqs: int,
+    enable_prefix_caching: bool,
+    decode_steps: int,
+    ahead: bool,
+) -> Harness:
+    """A harness for the fuzz tests: from a cache that holds just one longest sequence
+    (constant preemption) to a roomier one, a token budget of at least one row per sequence."""
+    return Harness(
+        decode_steps=decode_steps,
+        ahead=ahead,
+        num_pages=1 + -(-max_model_len // page_size) + spare_pages,
+        page_size=page_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_seqs + spare_budget,
+        max_model_len=max_model_len,
+        max_prefill_seqs=max_prefill_seqs,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     page_size=st.integers(1, 4),
@@ -1119,18 +1145,16 @@ def test_random_interleavings_never_leak_pages_and_terminate(
     initial,
     ops,
 ):
-    # From a cache that holds just one longest sequence (constant preemption) to a roomier one.
-    num_pages = 1 + -(-max_model_len // page_size) + spare_pages
-    h = Harness(
-        decode_steps=decode_steps,
-        ahead=ahead,
-        num_pages=num_pages,
-        page_size=page_size,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_seqs + spare_budget,
-        max_model_len=max_model_len,
-        max_prefill_seqs=max_prefill_seqs,
-        enable_prefix_caching=enable_prefix_caching,
+    h = fuzz_harness(
+        page_size,
+        max_model_len,
+        spare_pages,
+        max_num_seqs,
+        spare_budget,
+        max_prefill_seqs,
+        enable_prefix_caching,
+        decode_steps,
+        ahead,
     )
     added: list[str] = []
 
@@ -1576,16 +1600,16 @@ def test_prompts_admitted_ahead_give_the_outputs_of_steps_updated_first(
     max_model_len = 40
     outs = {}
     for ahead in (False, True):
-        h = Harness(
-            decode_steps=decode_steps,
-            ahead=ahead,
-            num_pages=1 + -(-max_model_len // page_size) + spare_pages,
-            page_size=page_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_seqs + spare_budget,
-            max_model_len=max_model_len,
-            max_prefill_seqs=max_prefill_seqs,
-            enable_prefix_caching=enable_prefix_caching,
+        h = fuzz_harness(
+            page_size,
+            max_model_len,
+            spare_pages,
+            max_num_seqs,
+            spare_budget,
+            max_prefill_seqs,
+            enable_prefix_caching,
+            decode_steps,
+            ahead,
         )
         for i, (length, max_tokens, seed) in enumerate(requests):
             # Seeds repeat, so prompts share prefixes; token 3 stops some of them early.
