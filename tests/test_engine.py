@@ -660,3 +660,26 @@ def test_prompts_admitted_ahead_give_the_outputs_of_steps_read_back_first(tiny_m
     assert_same_completions(outs[False], outs[True])
     for a, b in zip(outs[False], outs[True], strict=True):
         assert a.prompt_logprobs == b.prompt_logprobs
+
+
+def test_a_request_aborted_while_its_prompt_computes_ahead_leaves_the_others_whole(tiny_model):
+    model = tiny_model()
+    prompts = random_prompts(model.cfg.vocab_size, [12, 12, 12, 12], seed=23)
+    params = ids_params(temperature=0.0, max_tokens=10)
+    alone = [o.outputs[0].token_ids for o in make_llm(model).generate(prompts, params)]
+    llm = make_llm(model, max_num_batched_tokens=24, max_prefill_seqs=2)
+    engine = llm.engine
+    for rid, prompt in zip("wxyz", prompts, strict=True):
+        engine.add_request(rid, prompt, params)
+    tokens = {rid: [] for rid in "wxyz"}
+    for out in engine.step():  # w and x computed and read back; y and z dispatched ahead
+        tokens[out.request_id] += out.outputs[0].token_ids
+    assert engine._ahead is not None
+    assert [r.request_id for r in engine._ahead[0].prefill] == ["y", "z"]
+    engine.abort_request("y")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].token_ids
+    assert tokens["y"] == []
+    assert [tokens[r] for r in "wxz"] == [alone[0], alone[1], alone[3]]
+    assert engine.stats()["kv_used_tokens"] == 0
