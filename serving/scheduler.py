@@ -422,14 +422,21 @@ class Scheduler:
         preempted, admission stops at a beam search, and one page per running sequence stays
         free (each one's next token may open a page), so that the next `schedule()`, which
         cannot preempt while this plan computes, rarely has to leave a row out. Returns None
-        unless single steps are pending, no beam search runs, and there is a prompt token to
-        compute."""
+        unless single steps are pending, no beam search runs, no prompt with more than a
+        budget's tokens left is being chunked while other sequences decode, and there is a
+        prompt token to compute."""
         if not self._pending or any(p.num_steps > 1 for p in self._pending):
             return None
         if any(s.request.beam_width for s in self._running):
             return None
-        bm = self.block_manager
         budget = self.max_num_batched_tokens
+        if any(not s.is_prefilling for s in self._running) and any(
+            len(s.token_ids) - s.num_computed > budget for s in self._running if s.is_prefilling
+        ):
+            # A prompt longer than a step's budget goes one chunk per step while others decode
+            # (chunked prefill's pace: their next tokens wait for one chunk, not two).
+            return None
+        bm = self.block_manager
         reserve = len(self._running)
         prefill: list[ScheduledSeq] = []
         copies: list[tuple[int, int]] = []

@@ -1633,3 +1633,24 @@ def test_prompts_admitted_ahead_give_the_outputs_of_steps_updated_first(
             for i in range(len(requests))
         ]
     assert outs[True] == outs[False]
+
+
+def test_a_long_prompt_goes_one_chunk_per_step_while_others_decode():
+    sched = Scheduler(**config(max_num_batched_tokens=16))
+    sched.add_request("short", prompt(4), n=1, max_tokens=20)
+    plan = sched.schedule()
+    sched.update(plan, sample_all(plan))
+    sched.add_request("long", prompt(60, 1), n=1, max_tokens=4)
+    plan = sched.schedule()  # short decodes, long's first 15 tokens
+    assert [(r.request_id, len(r.token_ids)) for r in (*plan.decode, *plan.prefill)] == [
+        ("short", 1),
+        ("long", 15),
+    ]
+    assert sched.schedule_prefill_ahead() is None  # 45 left: more than a step's budget
+    sched.update(plan, sample_all(plan))
+
+    alone = Scheduler(**config(max_num_batched_tokens=16))
+    alone.add_request("long", prompt(60, 1), n=1, max_tokens=4)
+    plan = alone.schedule()
+    ahead = alone.schedule_prefill_ahead()  # nothing decodes: the next chunk goes ahead
+    assert [(r.start_pos, len(r.token_ids)) for r in ahead.prefill] == [(16, 16)]
