@@ -367,7 +367,7 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = self.scheduler.num_cached_tokens(row.request_id)
-        kinds = None if self._ahead is not None or plan.ahead else self._chain_kinds(plan, targets)
+        kinds = self._chain_kinds(plan, targets)
         pending = self.engine.dispatch_step(plan, specs, targets, into_carry=kinds is not None)
         if pending.in_carry:
             # The rows' first run computes while the host reads their first tokens back and
@@ -439,14 +439,17 @@ class LLMEngine:
     def _chain_kinds(self, plan: StepPlan, targets: dict[int, np.ndarray]) -> list[RowSpec] | None:
         """The sampling kinds of a first run to chain onto step `plan` (`_step`), when
         asynchronous scheduling runs ahead and the step only completes prompts, each sampling
-        one sequence, with no prompt logprobs wanted, and every request allows a run once these
-        have their first token; else None. Whether the rows are all that runs, have tokens to
-        go, and the pages and compiled variants allow it is the scheduler's and the engine's
-        to say."""
+        one sequence, with no prompt logprobs wanted, no step of prompts admitted ahead is in
+        flight or is `plan` itself (its samples are read back on their own), and every request
+        allows a run once these have their first token; else None. Whether the rows are all that
+        runs, have tokens to go, and the pages and compiled variants allow it is the scheduler's
+        and the engine's to say."""
         cfg = self.engine.cfg
         if (
             cfg.decode_steps < 2
             or not cfg.async_scheduling
+            or self._ahead is not None
+            or plan.ahead
             or plan.decode
             or targets
             or any(row.sample_seq_ids != [row.seq_id] for row in plan.prefill)

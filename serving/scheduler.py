@@ -393,8 +393,7 @@ class Scheduler:
                 if children:
                     forks[seq.seq_id] = children
                 i += 1
-        if forks:
-            self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
+        self._place_forks(forks)
 
         # Admitting while running sequences are being evicted would only evict them again.
         computes: set[bytes] = set()
@@ -456,8 +455,7 @@ class Scheduler:
                 forks[seq.seq_id] = children
             if budget == 0:
                 break
-        if forks:
-            self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
+        self._place_forks(forks)
         computes: set[bytes] = set()
         if budget and not any(s.is_prefilling for s in self._running):
             self._admit(budget, [], prefill, copies, [], computes, ahead=True)
@@ -765,6 +763,11 @@ class Scheduler:
             is_prefill=seq.num_computed <= seq.prefill_len,
         )
         return row, children
+
+    def _place_forks(self, forks: dict[int, list[_Seq]]) -> None:
+        """Puts the siblings forked off each parent (by seq id) right after it in `_running`."""
+        if forks:
+            self._running = [s for seq in self._running for s in [seq, *forks.get(seq.seq_id, ())]]
 
     def _fork(self, parent: _Seq) -> list[_Seq]:
         """Creates the parent's n - 1 siblings, sharing all its pages; they get their first token
