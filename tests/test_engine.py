@@ -250,10 +250,9 @@ def count_chained(llm: LLM) -> list[bool]:
 
 def test_warmup_compiles_every_bucket_and_steady_state_does_not_recompile(tiny_model):
     """After `warmup()` serving compiles nothing on its own thread. The one kind of compilation
-    allowed after it: a multi-step run shorter than `decode_steps`, which the engine compiles on
-    its compile threads the first time rows ending together would use one, serving with the
-    full run meanwhile (`Engine._run_steps`) — whether rows end together in this batch depends
-    on how the asynchronous scheduler grouped them."""
+    allowed after it: a multi-step run shorter than `decode_steps`, which the engine starts
+    compiling on its compile threads the first time rows that end together could use one,
+    serving with the full run meanwhile (`Engine._run_steps`)."""
     import threading
 
     model = tiny_model()
