@@ -554,6 +554,7 @@ SASS = """
         /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR20], RZ, !UPT ;
         /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24, gsb0 ;
         /*0040*/                   SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR15], RZ ;
+        /*0048*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0050*/                   FFMA R17, R25, 0.5, -R5 ;
         /*0060*/                   MUFU.EX2 R18, R18 ;
         /*0070*/                   MUFU.EX2 R21, R21 ;
@@ -570,9 +571,25 @@ def test_prefill_sass_finds_the_step_loop_and_its_order():
     opcode counts, and their barrier, matmul and exp2 instructions in issue order."""
     sass = _tool("prefill_sass")
     (loop,) = sass.summarize(SASS)
-    assert loop["start"] == 1 and loop["instructions"] == 8
+    assert loop["start"] == 1 and loop["instructions"] == 9
     assert loop["counts"]["MUFU.EX2"] == 2 and loop["counts"]["HGMMA.64x128x16.F32.BF16"] == 2
     assert loop["order"] == (
         "SYNCS.PHASECHK.TRANS64.TRYWAIT [UR19] | HGMMA.64x128x16.F32.BF16 x2 | "
-        "SYNCS.ARRIVE.TRANS64.A1T0 [UR15] | MUFU.EX2 x2"
+        "SYNCS.ARRIVE.TRANS64.A1T0 [UR15] | WARPGROUP.DEPBAR.LE 0x1 | MUFU.EX2 x2"
     )
+
+
+def test_prefill_sass_keeps_ptxas_wgmma_notes():
+    """What `ptxas -v` says of a wgmma kernel that the tool prints first: its C75xx notes,
+    registers and spills, not the rest."""
+    sass = _tool("prefill_sass")
+    out = """ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'entry_mosaic_gpu_kernel' for 'sm_90a'
+    8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem"""
+    assert sass.ptxas_notes(out) == [
+        "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are",
+        "8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads",
+        "ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem",
+    ]

@@ -6,10 +6,14 @@ nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels), then prints, for each innermo
 issues wgmmas (the kernel's per-step loops): its opcode counts, and its synchronization,
 matmul and softmax instructions in issue order with runs collapsed (`MUFU.EX2 x64`). That order
 is what the PTX does not show: ptxas schedules register arithmetic freely across mbarrier
-arrivals and waits, so a barrier arrival written after the softmax can issue before it.
+arrivals and waits, so a barrier arrival written after the softmax can issue before it, and it
+moves a wgmma wait (`WARPGROUP.DEPBAR.LE gsb0, N`: at most N groups left in flight) up to where
+it reuses a register the wgmma still reads. First it prints what `ptxas -v` said of the kernel:
+its wgmma notes (C75xx: serialized wgmmas, injected waits or fences), registers and spills.
 
     PYTHONPATH=. python tools/prefill_sass.py                  # on a Hopper GPU
     python tools/prefill_sass.py --ptx entry_0.ptx             # an earlier dump, any machine
+    PYTHONPATH=. python tools/prefill_sass.py --keep-ptx k.ptx # keep this build's PTX
     python tools/prefill_sass.py --sass kernel.sass            # a disassembly
 """
 
@@ -41,6 +45,9 @@ ORDER_OPS = (
 )
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
 _OPERAND = re.compile(r"\[[^\]]*\]")
+_DEPBAR_COUNT = re.compile(r"gsb0,\s*(0x[0-9a-f]+)")
+# `ptxas -v` lines worth reading for a wgmma kernel.
+_PTXAS_NOTE = re.compile(r"\(C75\d\d\)|registers|spill")
 _LABEL = re.compile(r"^\s*\.?(L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b[^`]*`?\(?\.?(L_x_\d+)")
 
@@ -83,6 +90,8 @@ def order_line(ops: list[str], lines: list[str]) -> str:
     for op, line in zip(ops, lines, strict=True):
         if op.startswith("SYNCS") and (m := _OPERAND.search(line)):
             op = f"{op} {m.group(0)}"
+        elif op.startswith("WARPGROUP.DEPBAR") and (m := _DEPBAR_COUNT.search(line)):
+            op = f"{op} {m.group(1)}"
         if op.startswith(ORDER_OPS):
             shown.append(op)
     runs = [(op, len(list(run))) for op, run in itertools.groupby(shown)]
@@ -120,12 +129,24 @@ def _tool(name: str) -> str:
     return found
 
 
-def sass_of_ptx(ptx_path: str, workdir: str) -> str:
+def ptxas_notes(text: str) -> list[str]:
+    """The lines of `ptxas -v` output about wgmma serialization, registers and spills."""
+    return [line.strip() for line in text.splitlines() if _PTXAS_NOTE.search(line)]
+
+
+def sass_of_ptx(ptx_path: str, workdir: str) -> tuple[str, list[str]]:
+    """(disassembly, `ptxas_notes`) of a PTX file assembled for sm_90a."""
     cubin = os.path.join(workdir, "kernel.cubin")
-    subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-O3", "-o", cubin, ptx_path], check=True)
-    return subprocess.run(
+    done = subprocess.run(
+        [_tool("ptxas"), "-arch=sm_90a", "-O3", "-v", "-o", cubin, ptx_path],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    sass = subprocess.run(
         [_tool("nvdisasm"), "-c", cubin], check=True, capture_output=True, text=True
     ).stdout
+    return sass, ptxas_notes(done.stdout + done.stderr)
 
 
 def dump_ptx(head_dim: int, page: int, workdir: str) -> str:
@@ -152,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--page", type=int, default=16)
     p.add_argument("--ptx", metavar="PATH", help="assemble this PTX instead of compiling")
     p.add_argument("--sass", metavar="PATH", help="read this disassembly instead")
+    p.add_argument("--keep-ptx", metavar="PATH", help="copy the PTX compiled here to PATH")
     args = p.parse_args(argv)
     if args.sass:
         with open(args.sass) as f:
@@ -159,7 +181,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         with tempfile.TemporaryDirectory() as workdir:
             ptx = args.ptx or dump_ptx(args.head_dim, args.page, workdir)
-            text = sass_of_ptx(ptx, workdir)
+            if args.keep_ptx:
+                shutil.copyfile(ptx, args.keep_ptx)
+            text, notes = sass_of_ptx(ptx, workdir)
+        for note in notes:
+            print(f"ptxas: {note}")
     loops = summarize(text)
     for loop in loops:
         counts = ", ".join(f"{op} {n}" for op, n in list(loop["counts"].items())[:16])
