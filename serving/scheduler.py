@@ -38,10 +38,10 @@ of a prompt it cut), and it preempts nothing (a victim could be one of theirs).
 Protocol: `schedule()` (or `schedule_decode_run`) and `update(plan, sampled)` (`update_run`)
 alternate, except that one `schedule_next_run` plan may follow a run, or a step completing
 prompts, before its update, and `schedule_prefill_ahead` plans may follow single steps, and
-`schedule()` follow those, before their updates; plans are updated in the order they were made. `update` must see
-every non-empty plan (with `{}` when it samples nothing). `add_request`, `abort_request` and
-`finish_seq` may be called at any point in between; the beam primitives after `update`, before
-the next `schedule()`.
+`schedule()` follow those, before their updates; plans are updated in the order they were
+made. `update` must see every non-empty plan (with `{}` when it samples nothing).
+`add_request`, `abort_request` and `finish_seq` may be called at any point in between; the beam
+primitives after `update`, before the next `schedule()`.
 """
 
 from __future__ import annotations
@@ -525,11 +525,10 @@ class Scheduler:
             request = seq.request
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = start
+            copies += bm.prepare_write(seq.block_table, start, start + num_new)
             if self.enable_prefix_caching and request.reads_cache:
                 self.prefix_cache_queries += len(seq.token_ids)
                 self.prefix_cache_hits += start
-            copies += bm.prepare_write(seq.block_table, start, start + num_new)
-            if self.enable_prefix_caching and request.reads_cache:
                 full = (start + num_new) // bm.page_size
                 computes.update(self._page_hashes(seq, full)[len(prefix) :])
             row, children = self._schedule_row(seq, num_new)
