@@ -3,13 +3,17 @@
 Owns the kernel behind `prefill_attention(..., backend="mosaic")` and the work list it runs on.
 
 Design (FlashAttention-3 style, paged):
-- The packed query tokens are cut, per sequence, into tiles of 128 rows: the work list, built by a
-  few small XLA ops, has one item per tile (padding tokens form one more sequence with no keys, so
+- The packed query tokens are cut, per sequence, into tiles of 64 rows per compute warpgroup
+  (128 or 192): the work list, built by a few small XLA ops, has one item per tile (padding tokens form one more sequence with no keys, so
   they come out as zeros); items are ordered longest-first so the causal tail is short.
-- One CTA per (query head, work item). Two compute warpgroups take 64 rows each and alternate
-  their matmuls and softmax (ping-pong on a shared barrier); a third streams K/V pages with TMA
-  (one copy per page, `stages` steps of 128 keys in flight) for both, reading page numbers
-  from the sequence's block-table row, copied into shared memory once.
+- One CTA per (query head, work item). Compute warpgroups take 64 rows each; one more streams
+  K/V pages with TMA (one copy per page, `stages` steps of 128 keys in flight) for all of them,
+  reading page numbers from the sequence's block-table row, copied into shared memory once.
+  Head dim 128: two compute warpgroups alternate their matmuls and softmax (ping-pong on a
+  shared barrier, two hand-overs per step). Head dim 64: three, in a ring (one turn per step,
+  in which a warpgroup issues P_j·V_j and Q·K_{j+1} together, so its softmax runs under the
+  other two's matmuls); at head dim 128 three do not fit the registers (measured slower with
+  64-key steps, see docs/perf/kernels.md).
 - TMA reads the query tile from an 8-aligned row (Mosaic's tiled copies need it), so up to 7 rows
   of the previous sequence ride along; rows outside the sequence are masked out and never
   written. Results are written with a ladder of power-of-two TMA stores covering exactly the
@@ -21,7 +25,8 @@ Design (FlashAttention-3 style, paged):
 it). Two differences there, both for the interpreter's sake: it takes a wgmma's A operand from
 shared memory only, so P is staged in a shared-memory tile before the P·V matmul; and it wants
 every phase of a barrier seen by the threads that wait on it, so the TMA warpgroup also waits for
-the last `stages` slot releases. Everything else is the kernel as it runs on the GPU.
+the last `stages` slot releases (and warpgroup 0 waits for the ring's last turn). Everything else
+is the kernel as it runs on the GPU.
 """
 
 from __future__ import annotations
@@ -38,8 +43,6 @@ from jax import lax
 
 LOG2E = math.log2(math.e)
 WG_ROWS = 64  # query rows per compute warpgroup (wgmma M)
-COMPUTE_WGS = 2
-TILE_ROWS = WG_ROWS * COMPUTE_WGS
 SMEM_BYTES = 227 * 1024
 TABLE_CHUNK = 256  # block-table entries per TMA copy (a TMA box dimension is at most 256)
 PROFILE_EVENTS = 256  # profiler events kept per warpgroup with `profile_dir` (the rest dropped)
@@ -49,6 +52,12 @@ PROFILE_EVENTS = 256  # profiler events kept per warpgroup with `profile_dir` (t
 class PrefillConfig:
     block_kv: int  # keys per pipeline step
     stages: int
+    warpgroups: int  # compute warpgroups: 2 = ping-pong, 3 = ring
+
+    @property
+    def tile_rows(self) -> int:
+        """Query rows per work item (CTA)."""
+        return WG_ROWS * self.warpgroups
 
 
 def supported(q_dtype: jnp.dtype, kv_dtype: jnp.dtype, head_dim: int, page_size: int) -> str:
@@ -66,17 +75,22 @@ def supported(q_dtype: jnp.dtype, kv_dtype: jnp.dtype, head_dim: int, page_size:
 
 def choose_config(head_dim: int, table_width: int = 0) -> PrefillConfig:
     block_kv = 128
+    # Three warpgroups keep their accumulator, scores and P in 160 registers only at head dim 64
+    # (+8 % there, 349 -> 376 TFLOP/s at B4 S4096 on the H100).
+    warpgroups = 3 if head_dim <= 64 else 2
     # q tiles + output staging + one block-table row
-    fixed = 2 * COMPUTE_WGS * WG_ROWS * head_dim * 2 + 4 * table_width + 1024
+    fixed = 2 * warpgroups * WG_ROWS * head_dim * 2 + 4 * table_width + 1024
     stage_bytes = 2 * block_kv * head_dim * 2
-    stages = min(4, (SMEM_BYTES - fixed) // stage_bytes)
-    return PrefillConfig(block_kv=block_kv, stages=stages)
+    stages = min(4 if warpgroups == 2 else 3, (SMEM_BYTES - fixed) // stage_bytes)
+    return PrefillConfig(block_kv=block_kv, stages=stages, warpgroups=warpgroups)
 
 
-def build_work_list(cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int) -> jax.Array:
-    """[items, 6] int32, per work item: sequence row, first tile row (8-aligned), chunk start,
-    chunk end, position of the chunk's first token, context length. Items past the real ones
-    have chunk start == chunk end == 0 and do nothing."""
+def build_work_list(
+    cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int, tile_rows: int
+) -> jax.Array:
+    """[items, 6] int32, per work item of `tile_rows` query rows: sequence row, first tile row
+    (8-aligned), chunk start, chunk end, position of the chunk's first token, context length.
+    Items past the real ones have chunk start == chunk end == 0 and do nothing."""
     s = seq_lens.shape[0]
     cu = cu_q_lens.astype(jnp.int32)
     # Padding tokens [cu[S], T) are one more sequence with an empty context.
@@ -85,14 +99,14 @@ def build_work_list(cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int) 
     ctx = jnp.concatenate([seq_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
     rows = jnp.concatenate([jnp.arange(s, dtype=jnp.int32), jnp.zeros((1,), jnp.int32)])
     aligned = starts // 8 * 8
-    tiles = jnp.where(ends > starts, (ends - aligned + TILE_ROWS - 1) // TILE_ROWS, 0)
-    max_items = -(-(num_tokens + 8 * (s + 1)) // TILE_ROWS) + s + 1
+    tiles = jnp.where(ends > starts, (ends - aligned + tile_rows - 1) // tile_rows, 0)
+    max_items = -(-(num_tokens + 8 * (s + 1)) // tile_rows) + s + 1
     first = jnp.cumsum(tiles) - tiles
     item = jnp.arange(max_items, dtype=jnp.int32)
     seq = jnp.clip(jnp.searchsorted(first + tiles, item, side="right"), 0, s).astype(jnp.int32)
     valid = item < jnp.sum(tiles)
     tile = item - first[seq]
-    tile_row = aligned[seq] + tile * TILE_ROWS
+    tile_row = aligned[seq] + tile * tile_rows
     q_off = ctx[seq] - (ends[seq] - starts[seq])
     table = jnp.stack(
         [
@@ -106,7 +120,7 @@ def build_work_list(cu_q_lens: jax.Array, seq_lens: jax.Array, num_tokens: int) 
         axis=1,
     )
     # Longest first: an item's work grows with the last key it needs.
-    work = jnp.where(valid, q_off + jnp.minimum(tile_row + TILE_ROWS, ends[seq]) - starts[seq], -1)
+    work = jnp.where(valid, q_off + jnp.minimum(tile_row + tile_rows, ends[seq]) - starts[seq], -1)
     return table[jnp.argsort(-work, stable=True)]
 
 
@@ -148,7 +162,7 @@ def _prefill_call(
     hkv, _, page_size, _ = k_pages.shape
     group = hq // hkv
     dtype = q.dtype
-    bk, stages = cfg.block_kv, cfg.stages
+    bk, stages, wgs = cfg.block_kv, cfg.stages, cfg.warpgroups
     pages_per_step = bk // page_size
     max_pages = block_tables.shape[1]
     items = work.shape[0]
@@ -159,7 +173,8 @@ def _prefill_call(
     def kernel(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref, scratch):
         q_smem, k_smem, v_smem, o_smem, bt_smem, bars, *interpreted = scratch
         p_smem = interpreted[0] if interpret else None  # P for the interpreter's wgmma
-        q_bar, k_bar, v_bar, k_free, v_free, sched, bt_bar = bars
+        # `order`: the ping-pong's one barrier (both warpgroups arrive), or the ring's turns.
+        q_bar, k_bar, v_bar, k_free, v_free, order, bt_bar = bars
         h = lax.axis_index("head")
         it = lax.axis_index("item")
         wg = lax.axis_index("wg")
@@ -168,21 +183,19 @@ def _prefill_call(
         lo, hi = work_ref[it, 2], work_ref[it, 3]
         q_off, ctx = work_ref[it, 4], work_ref[it, 5]
 
-        def schedule() -> None:
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
         def rows_of(w):
             return warpgroup_rows(tile_row, lo, hi, q_off, w)
 
         def kv_end(w):
             return warpgroup_kv_end(tile_row, lo, hi, q_off, ctx, w)
 
-        n_kv = kv_steps(jnp.maximum(kv_end(0), kv_end(1)), bk)
+        n_kv = kv_steps(functools.reduce(jnp.maximum, [kv_end(w) for w in range(wgs)]), bk)
 
-        @pl.when(wg < COMPUTE_WGS)
+        @pl.when(wg < wgs)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            # A CTA of 4 warpgroups launches with 128 registers per thread and `setmaxnreg` only
+            # moves them within that pool: 3 x 160 + 32 for the TMA warpgroup fill it.
+            plgpu.set_max_registers(232 if wgs == 2 else 160, action="increase")
             a, b, pos0 = rows_of(wg)
             n_mine = kv_steps(kv_end(wg), bk)
             # Steps whose keys all precede the first valid row's position need no mask.
@@ -195,65 +208,59 @@ def _prefill_call(
             col = plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
             plgpu.barrier_wait(q_bar.at[wg])
 
-            def step(j, carry, masked: bool):
+            def softmax(j, s, carry, masked: bool):
+                """Online softmax of step j's scores: P in the input dtype, the carry rescaled."""
                 acc, m_i, l_i = carry
-                slot = lax.rem(j, stages)
+                if masked:
+                    s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
+                # Scale the row max, not the tile: exp2(s * c - m) is one FMA per score.
+                m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                return p.astype(dtype), (acc, m_new, l_i)
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
-                    schedule()
-                    return acc_ref[...]
+            def p_operand(p16):
+                """P as the P·V wgmma's A operand: registers, or shared memory for the
+                interpreter."""
+                if not interpret:
+                    return p16
+                p_smem[wg] = p16
+                plgpu.commit_smem()
+                return p_smem.at[wg]
 
-                # (Named scopes: the regions `profile_dir` traces; nothing otherwise.)
-                with jax.named_scope("qk"):
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                with jax.named_scope("softmax"):
-                    if masked:
-                        s = jnp.where(col + j * bk <= row_pos, s, -jnp.inf)
-                    # Scale the row max, not the tile: exp2(s * c - m) is one FMA per score.
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p16 = p.astype(dtype)
-                # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
-                plgpu.barrier_arrive(sched)
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                def pv_interpreted(acc_ref):  # the interpreter's A operand: shared memory
-                    p_smem[wg] = p16
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
-                    return acc_ref[...]
-
-                with jax.named_scope("pv"):
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
-                    if interpret:
-                        o = pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
-                        acc = acc + o
-                    else:
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
-
-            def release(j, carry):
-                # Steps only the other warpgroup needs: give the slots back unread, taking part
-                # in the same two schedule phases as `step`. Waiting for the data first keeps
-                # this warpgroup from arriving twice on a slot before the other one once.
+            def release(j):
+                # Step j is only other warpgroups' work: give its slots back unread. Waiting
+                # for the data first keeps this warpgroup from arriving twice on a slot before
+                # another one once.
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
-                schedule()
-                schedule()
-                return carry
+
+            def finish(acc, l_i):
+                nonzero = l_i > 0.0
+                inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
+                o_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+                # Rows [a, b) go out as power-of-two pieces: TMA boxes have static shapes.
+                base = a
+                size = WG_ROWS
+                while size >= 1:
+                    piece = (b - a) & size
+
+                    @pl.when(piece != 0)
+                    def _store(base=base, size=size):
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[wg, pl.ds(base, size)],
+                            out_ref.at[pl.ds(tile_row + wg * WG_ROWS + base, size), h],
+                        )
+
+                    base = base + piece
+                    size //= 2
+                plgpu.wait_smem_to_gmem(0)
 
             m0 = plgpu.layout_cast(
                 jnp.full((WG_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
@@ -261,36 +268,188 @@ def _prefill_call(
             l0 = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc0 = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
             carry = (acc0, m0, l0)
-            pl.when(wg == 1)(schedule)  # warpgroup 1 runs one phase behind warpgroup 0
-            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), carry)
-            lax.fori_loop(n_mine, n_kv, release, None)
-            pl.when(wg == 0)(schedule)
-            acc, _, l_i = carry
-            nonzero = l_i > 0.0
-            inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, l_i, 1.0), 0.0)
-            o_smem[wg] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-            plgpu.commit_smem()
-            # Rows [a, b) go out as power-of-two pieces: TMA boxes have static shapes.
-            base = a
-            size = WG_ROWS
-            while size >= 1:
-                piece = (b - a) & size
 
-                @pl.when(piece != 0)
-                def _store(base=base, size=size):
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[wg, pl.ds(base, size)],
-                        out_ref.at[pl.ds(tile_row + wg * WG_ROWS + base, size), h],
-                    )
+            def ping_pong():
+                """Two warpgroups alternate on the tensor cores: each hands them over after its
+                Q·K issue and again after its softmax, so one's softmax runs while the other's
+                two matmuls do."""
 
-                base = base + piece
-                size //= 2
-            plgpu.wait_smem_to_gmem(0)
+                def schedule() -> None:
+                    plgpu.barrier_arrive(order)
+                    plgpu.barrier_wait(order)
 
-        @pl.when(wg == COMPUTE_WGS)
+                def step(j, carry, masked: bool):
+                    slot = lax.rem(j, stages)
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+                        schedule()
+                        return acc_ref[...]
+
+                    # (Named scopes: the regions `profile_dir` traces; nothing otherwise.)
+                    with jax.named_scope("qk"):
+                        plgpu.barrier_wait(k_bar.at[slot])
+                        s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    with jax.named_scope("softmax"):
+                        p16, (acc, m_i, l_i) = softmax(j, s, carry, masked)
+                    # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
+                    plgpu.barrier_arrive(order)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    def pv_interpreted(acc_ref):  # the interpreter's accumulators start at 0
+                        plgpu.wgmma(acc_ref, p_operand(p16), v_smem.at[slot])
+                        return acc_ref[...]
+
+                    with jax.named_scope("pv"):
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(order)
+                        if interpret:
+                            o = pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
+                            acc = acc + o
+                        else:
+                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_i, l_i
+
+                def unused(j, carry):
+                    # Taking part in the same two schedule phases as `step`.
+                    release(j)
+                    schedule()
+                    schedule()
+                    return carry
+
+                c = carry
+                pl.when(wg == 1)(schedule)  # warpgroup 1 runs one phase behind warpgroup 0
+                c = lax.fori_loop(0, n_full, functools.partial(step, masked=False), c)
+                c = lax.fori_loop(n_full, n_mine, functools.partial(step, masked=True), c)
+                lax.fori_loop(n_mine, n_kv, unused, None)
+                pl.when(wg == 0)(schedule)
+                acc, _, l_i = c
+                finish(acc, l_i)
+
+            def ring():
+                """Three warpgroups pass the tensor cores 0 -> 1 -> 2 -> 0, one turn per step:
+                in its turn a warpgroup issues P_j·V_j and Q·K_{j+1} together, then waits for
+                both and runs the softmax of step j+1 while the other two take their turns.
+                Every warpgroup takes n_kv + 1 turns: its own steps, then turns passed on."""
+
+                def pass_turn():
+                    plgpu.barrier_arrive(order.at[lax.rem(wg + 1, wgs)])
+
+                def first():  # turn 0: Q·K_0 alone
+                    plgpu.barrier_wait(k_bar.at[0])
+                    plgpu.barrier_wait(order.at[wg])
+
+                    def qk(s_ref):
+                        plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[0].transpose((1, 0)))
+                        pass_turn()
+                        return s_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[0])
+                    return s
+
+                def step(j, c, masked: bool):  # turn j + 1
+                    s, inner = c
+                    p16, (acc, m_i, l_i) = softmax(j, s, inner, masked)
+                    sv, sk = lax.rem(j, stages), lax.rem(j + 1, stages)
+                    plgpu.barrier_wait(v_bar.at[sv])
+                    plgpu.barrier_wait(k_bar.at[sk])
+                    plgpu.barrier_wait(order.at[wg])
+                    p_op = p_operand(p16)
+
+                    def issue(o_ref, s_ref):
+                        plgpu.wgmma(o_ref, p_op, v_smem.at[sv])
+                        plgpu.wgmma(s_ref, q_smem.at[wg], k_smem.at[sk].transpose((1, 0)))
+                        pass_turn()
+
+                    def issue_interpreted(o_ref, s_ref):  # its accumulators start at 0
+                        issue(o_ref, s_ref)
+                        return o_ref[...], s_ref[...]
+
+                    if interpret:
+                        o, s = pl.run_scoped(
+                            issue_interpreted,
+                            plgpu.ACC((WG_ROWS, d), jnp.float32),
+                            plgpu.ACC((WG_ROWS, bk), jnp.float32),
+                        )
+                        acc = acc + o
+                    else:
+                        acc, s = pl.run_state(lambda refs: issue(*refs))(
+                            (plgpu.ACC.init(acc), plgpu.ACC.init(s_zero))
+                        )
+                    plgpu.barrier_arrive(v_free.at[sv])
+                    plgpu.barrier_arrive(k_free.at[sk])
+                    return s, (acc, m_i, l_i)
+
+                def last(j, c):  # turn n_mine: P·V alone
+                    s, inner = c
+                    p16, (acc, m_i, l_i) = softmax(j, s, inner, masked=True)
+                    sv = lax.rem(j, stages)
+                    plgpu.barrier_wait(v_bar.at[sv])
+                    plgpu.barrier_wait(order.at[wg])
+                    p_op = p_operand(p16)
+
+                    def pv(o_ref):
+                        plgpu.wgmma(o_ref, p_op, v_smem.at[sv])
+                        pass_turn()
+
+                    def pv_interpreted(o_ref):
+                        pv(o_ref)
+                        return o_ref[...]
+
+                    if interpret:
+                        acc = acc + pl.run_scoped(
+                            pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32)
+                        )
+                    else:
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[sv])
+                    return acc, l_i
+
+                def take_turn():
+                    plgpu.barrier_wait(order.at[wg])
+                    pass_turn()
+
+                def unused(j, _):
+                    release(j)
+                    take_turn()
+
+                s_zero = plgpu.layout_cast(
+                    jnp.zeros((WG_ROWS, bk), jnp.float32), plgpu.Layout.WGMMA
+                )
+
+                pl.when(wg == wgs - 1)(pass_turn)  # warpgroup 0 has the first turn
+
+                @pl.when(n_mine > 0)
+                def _mine():
+                    c = (first(), carry)
+                    # The last step is always masked: a mask on an unmasked step changes nothing.
+                    split = jnp.minimum(n_full, n_mine - 1)
+                    c = lax.fori_loop(0, split, functools.partial(step, masked=False), c)
+                    c = lax.fori_loop(split, n_mine - 1, functools.partial(step, masked=True), c)
+                    acc, l_i = last(n_mine - 1, c)
+                    lax.fori_loop(n_mine, n_kv, unused, None)
+                    finish(acc, l_i)
+
+                @pl.when(n_mine == 0)
+                def _none():
+                    lax.fori_loop(0, n_kv, unused, None)
+                    take_turn()
+                    finish(acc0, l0)  # zeros
+
+                # Warpgroup 2's last pass lands on warpgroup 0's barrier: waited for, for the
+                # interpreter's sake (it checks that every phase is seen).
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(order.at[0]))
+
+            (ping_pong if wgs == 2 else ring)()
+
+        @pl.when(wg == wgs)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(40 if wgs == 2 else 32, action="decrease")
             kvh = lax.div(h, group)
             k_head, v_head = k_ref.at[kvh], v_ref.at[kvh]
             # The sequence's block-table row, copied once: page numbers then come from shared
@@ -345,25 +504,22 @@ def _prefill_call(
         kv_tile = plgpu.SMEM((stages, bk, d), dtype, transforms=tiles)
         pl.run_scoped(
             lambda *scratch: kernel(q_ref, k_ref, v_ref, bt_ref, work_ref, out_ref, scratch),
-            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=tiles),
+            plgpu.SMEM((wgs, WG_ROWS, d), dtype, transforms=tiles),
             kv_tile,
             kv_tile,
-            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype),
+            plgpu.SMEM((wgs, WG_ROWS, d), dtype),
             plgpu.SMEM((1, max_pages), jnp.int32),
             (
-                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                plgpu.Barrier(num_barriers=wgs),
                 plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+                plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+                # ping-pong: one barrier both arrive on; ring: one turn barrier per warpgroup
+                plgpu.Barrier(num_arrivals=2) if wgs == 2 else plgpu.Barrier(num_barriers=wgs),
                 plgpu.Barrier(num_arrivals=-(-max_pages // TABLE_CHUNK)),
             ),
-            *(
-                [plgpu.SMEM((COMPUTE_WGS, WG_ROWS, bk), dtype, transforms=tiles)]
-                if interpret
-                else []
-            ),
+            *([plgpu.SMEM((wgs, WG_ROWS, bk), dtype, transforms=tiles)] if interpret else []),
             collective_axes="wg",
         )
 
@@ -372,7 +528,7 @@ def _prefill_call(
         out_type=jax.ShapeDtypeStruct((t, hq, d), dtype),
         grid=(hq, items),
         grid_names=("head", "item"),
-        num_threads=COMPUTE_WGS + 1,
+        num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -405,10 +561,10 @@ def paged_prefill(
     # Query tiles are read (and outputs written) in boxes of up to 64 rows, and Mosaic's tiled
     # TMA wants the row count a multiple of 8: pad the arrays to that (a copy, only when T is not
     # already one).
-    t_pad = max(-(-t // 8) * 8, TILE_ROWS)
+    t_pad = max(-(-t // 8) * 8, cfg.tile_rows)
     if t_pad != t:
         q = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
-    work = build_work_list(cu_q_lens, seq_lens, t_pad)
+    work = build_work_list(cu_q_lens, seq_lens, t_pad, cfg.tile_rows)
     out = _prefill_call(
         q,
         k_pages,

@@ -420,8 +420,9 @@ def test_combine_splits_equals_one_softmax() -> None:
     assert np.all(np.asarray(empty) == 0.0)
 
 
+@pytest.mark.parametrize("tile_rows", [128, 192])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
+def test_prefill_work_list_covers_every_token_once(seed: int, tile_rows: int) -> None:
     """Each token row (padding included) is the valid row of exactly one work item, at the right
     position, and tiles start 8-aligned."""
     rng = np.random.default_rng(seed)
@@ -429,14 +430,13 @@ def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
     cached = rng.integers(0, 500, len(q_lens))
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     t = int(cu[-1]) + int(rng.integers(0, 20))
-    t = max(t, _mosaic_prefill.TILE_ROWS)
-    work = np.asarray(
-        _mosaic_prefill.build_work_list(jnp.asarray(cu), jnp.asarray(cached + q_lens, jnp.int32), t)
-    )
+    t = max(t, tile_rows)
+    seq_lens = jnp.asarray(cached + q_lens, jnp.int32)
+    work = np.asarray(_mosaic_prefill.build_work_list(jnp.asarray(cu), seq_lens, t, tile_rows))
     covered = np.zeros(t, int)
     for seq_row, tile_row, lo, hi, q_off, ctx in work:
         assert tile_row % 8 == 0
-        rows = np.arange(max(lo, tile_row), min(hi, tile_row + _mosaic_prefill.TILE_ROWS))
+        rows = np.arange(max(lo, tile_row), min(hi, tile_row + tile_rows))
         covered[rows] += 1
         if len(rows) and seq_row < len(q_lens) and lo < cu[-1]:
             assert ctx == cached[seq_row] + q_lens[seq_row]
@@ -446,6 +446,7 @@ def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
     assert np.all(covered == 1)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])  # ring of 3 warpgroups / ping-pong of 2
 @pytest.mark.parametrize(
     ("q_lens", "cached", "num_tokens"),
     [
@@ -456,21 +457,22 @@ def test_prefill_work_list_covers_every_token_once(seed: int) -> None:
     ],
 )
 def test_prefill_kv_steps_agree_across_warpgroups(
-    q_lens: list[int], cached: list[int], num_tokens: int
+    q_lens: list[int], cached: list[int], num_tokens: int, head_dim: int
 ) -> None:
     """Per work item, each compute warpgroup's K/V step count lies in [0, steps loaded]: the memory
     warpgroup loads exactly the steps the compute warpgroups consume or release, or the kernel
     hangs on a barrier. Padding rows (negative positions) once gave a warpgroup -1 steps."""
-    bk = _mosaic_prefill.choose_config(64).block_kv
+    cfg = _mosaic_prefill.choose_config(head_dim)
+    bk = cfg.block_kv
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     seq_lens = jnp.asarray(np.add(cached, q_lens), jnp.int32)
-    work = _mosaic_prefill.build_work_list(jnp.asarray(cu), seq_lens, num_tokens)
+    work = _mosaic_prefill.build_work_list(jnp.asarray(cu), seq_lens, num_tokens, cfg.tile_rows)
     _, tile_row, lo, hi, q_off, ctx = (work[:, i] for i in range(6))
     ends = [
         _mosaic_prefill.warpgroup_kv_end(tile_row, lo, hi, q_off, ctx, w)
-        for w in range(_mosaic_prefill.COMPUTE_WGS)
+        for w in range(cfg.warpgroups)
     ]
-    n_kv = np.asarray(_mosaic_prefill.kv_steps(jnp.maximum(*ends), bk))
+    n_kv = np.asarray(_mosaic_prefill.kv_steps(np.maximum.reduce(ends), bk))
     for end in ends:
         n_mine = np.asarray(_mosaic_prefill.kv_steps(end, bk))
         assert np.all(n_mine >= 0) and np.all(n_mine <= n_kv)
@@ -1011,6 +1013,7 @@ def _on_hopper(*case) -> object:
         _on_hopper([64, 257], [3000, 129], 1, 64, 16, 3, jnp.bfloat16),
         _on_hopper([5], [0], 4, 128, 8, 2, jnp.bfloat16),  # fewer tokens than one tile
         _on_hopper([640, 129, 385, 1], [0, 0, 2000, 7], 4, 128, 16, 5, jnp.bfloat16),  # odd tiles
+        _on_hopper([640, 129, 385, 1], [0, 0, 2000, 7], 4, 64, 16, 5, jnp.bfloat16),  # ring
     ],
 )
 def test_mosaic_prefill_matches_reference(
