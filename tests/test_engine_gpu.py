@@ -25,7 +25,7 @@ pytestmark = [
 ]
 
 
-def gqa_model():
+def gqa_model(head_dim: int = 128):
     cfg = ModelConfig.from_hf_dict(
         dict(
             architectures=["LlamaForCausalLM"],
@@ -35,18 +35,22 @@ def gqa_model():
             num_hidden_layers=2,
             num_attention_heads=8,
             num_key_value_heads=2,
-            head_dim=128,
+            head_dim=head_dim,
             max_position_embeddings=1024,
         )
     )
     return random_model(cfg, "bfloat16", seed=0)
 
 
-@pytest.mark.parametrize(("backend", "decode_steps"), [("auto", 1), ("mosaic", 1), ("auto", 4)])
-def test_kernel_engine_logprobs_match_reference_forward(backend, decode_steps):
+@pytest.mark.parametrize(
+    ("backend", "decode_steps", "head_dim"),
+    [("auto", 1, 128), ("mosaic", 1, 128), ("auto", 4, 128), ("mosaic", 1, 64)],
+)
+def test_kernel_engine_logprobs_match_reference_forward(backend, decode_steps, head_dim):
     """Every token of the kernel engine (single decode steps, or runs of 4 compiled ahead)
-    against a dense reference forward over the whole text."""
-    model = gqa_model()
+    against a dense reference forward over the whole text; head dim 64 runs the prefill
+    kernel's three-warpgroup ring."""
+    model = gqa_model(head_dim)
     cfg = EngineConfig(
         page_size=16,
         num_pages=256,
