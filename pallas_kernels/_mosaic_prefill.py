@@ -354,7 +354,13 @@ def _prefill_call(
 
                 def step(j, c, masked: bool):  # turn j + 1
                     s, inner = c
-                    p16, (acc, m_i, l_i) = softmax(j, s, inner, masked)
+                    with jax.named_scope("softmax"):
+                        p16, (acc, m_i, l_i) = softmax(j, s, inner, masked)
+                    with jax.named_scope("turn"):
+                        acc, s = step_turn(j, p16, acc)
+                    return s, (acc, m_i, l_i)
+
+                def step_turn(j, p16, acc):
                     sv, sk = lax.rem(j, stages), lax.rem(j + 1, stages)
                     plgpu.barrier_wait(v_bar.at[sv])
                     plgpu.barrier_wait(k_bar.at[sk])
@@ -383,7 +389,7 @@ def _prefill_call(
                         )
                     plgpu.barrier_arrive(v_free.at[sv])
                     plgpu.barrier_arrive(k_free.at[sk])
-                    return s, (acc, m_i, l_i)
+                    return acc, s
 
                 def last(j, c):  # turn n_mine: P·V alone
                     s, inner = c

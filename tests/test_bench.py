@@ -521,6 +521,18 @@ def test_prefill_timeline_summary_of_a_trace():
     assert s["step_period_cycles"] == pytest.approx(4000)
     assert s["tensor_core_cycles_per_step"] == 2048  # 2 warpgroups x 2 matmuls of 64x128x128
     assert s["tensor_core_busy"] == pytest.approx(2048 / 4000)
+    # The ring at head dim 64: three compute warpgroups, then the TMA warpgroup, per CTA.
+    ring = []
+    for wg in range(4):
+        for step in range(3):
+            ring += region(1 + wg, "softmax", 3000 * step, 1400) + region(
+                1 + wg, "turn", 3000 * step + 1400, 900
+            )
+    r = timeline.summarize(ring, head_dim=64, warpgroups=3)
+    assert sorted(r["median_cycles"]) == ["wg0", "wg1", "wg2", "wg3"]
+    assert r["median_cycles"]["wg2"] == pytest.approx({"softmax": 1400, "turn": 900})
+    assert r["tensor_core_cycles_per_step"] == 1536  # 3 warpgroups x 2 matmuls of 64x128x64
+    assert r["step_period_cycles"] == pytest.approx(3000)
 
 
 def test_prefill_timeline_waits_for_a_complete_trace(tmp_path):

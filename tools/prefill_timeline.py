@@ -1,11 +1,13 @@
 """Where the prefill kernel's time goes, per step, from Pallas's Mosaic GPU profiler (Hopper GPU).
 
 Runs `_mosaic_prefill.paged_prefill(..., profile_dir=)` once on a fresh-prompt shape and reads the
-trace it writes: per warpgroup (0 and 1 compute, 2 the TMA warpgroup), the median SM clock cycles
-of each named region of a step (`qk`: wait for K, Q·K and the ping-pong hand-over; `softmax`;
-`pv`: wait for V and the other warpgroup, P·V), and the steady-state step period (cycles between a
-warpgroup's consecutive softmax starts) against the tensor-core cycles both warpgroups' matmuls
-need at the peak rate. Traces keep the first `PROFILE_EVENTS` events of each warpgroup.
+trace it writes: per warpgroup (the compute warpgroups, then the TMA warpgroup), the median SM
+clock cycles of each named region of a step, and the steady-state step period (cycles between a
+warpgroup's consecutive softmax starts) against the tensor-core cycles all compute warpgroups'
+matmuls need at the peak rate. Regions, head dim 128 (ping-pong): `qk` (wait for K, Q·K and the
+hand-over), `softmax`, `pv` (wait for V and the other warpgroup, P·V); head dim 64 (ring):
+`softmax`, `turn` (wait for V, K and the turn, P·V and the next Q·K). Traces keep the first
+`PROFILE_EVENTS` events of each warpgroup.
 
     PYTHONPATH=. python tools/prefill_timeline.py --batch 2 --seq 4096 --json timeline.json
 """
@@ -26,9 +28,12 @@ import time
 FLOP_PER_CYCLE = 4096
 
 
-def summarize(events: list[dict], head_dim: int, block_kv: int = 128, rows: int = 64) -> dict:
+def summarize(
+    events: list[dict], head_dim: int, block_kv: int = 128, rows: int = 64, warpgroups: int = 2
+) -> dict:
     """Per-warpgroup median cycles of each region and the step period, from the trace's events
-    (Chrome trace "B"/"E" events; within one warpgroup's trace the times are SM cycles / 1000)."""
+    (Chrome trace "B"/"E" events; within one warpgroup's trace the times are SM cycles / 1000);
+    `warpgroups`: compute warpgroups per CTA (each CTA has one more, the TMA warpgroup)."""
     by_trace: dict[int, list[dict]] = collections.defaultdict(list)
     for e in events:
         by_trace[e["tid"]].append(e)
@@ -37,7 +42,7 @@ def summarize(events: list[dict], head_dim: int, block_kv: int = 128, rows: int 
     )
     period: list[float] = []
     for tid, trace in by_trace.items():
-        wg = f"wg{(tid - 1) % 3}"
+        wg = f"wg{(tid - 1) % (warpgroups + 1)}"
         open_regions: list[tuple[str, float]] = []
         softmax_starts = []
         for e in trace:
@@ -50,7 +55,7 @@ def summarize(events: list[dict], head_dim: int, block_kv: int = 128, rows: int 
                 start_name, start = open_regions.pop()
                 cycles[wg][start_name].append(t - start)
         period += [b - a for a, b in zip(softmax_starts, softmax_starts[1:], strict=False)]
-    tensor = 2 * 2 * 2 * rows * block_kv * head_dim / FLOP_PER_CYCLE
+    tensor = warpgroups * 2 * 2 * rows * block_kv * head_dim / FLOP_PER_CYCLE
     step = statistics.median(period) if period else float("nan")
     return {
         "median_cycles": {
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pallas_kernels import _mosaic_prefill
 
     d = args.head_dim
+    cfg = _mosaic_prefill.choose_config(d)
     case = PrefillCase(
         args.batch,
         args.seq,
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python tools/prefill_timeline.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {k: v for k, v in vars(args).items() if k != "json"},
-        **summarize(events, d, _mosaic_prefill.choose_config(d).block_kv),
+        **summarize(events, d, cfg.block_kv, warpgroups=cfg.warpgroups),
     }
     print(json.dumps(result, indent=1))
     if args.json:
