@@ -4,8 +4,9 @@ Owns the kernel behind `prefill_attention(..., backend="mosaic")` and the work l
 
 Design (FlashAttention-3 style, paged):
 - The packed query tokens are cut, per sequence, into tiles of 64 rows per compute warpgroup
-  (128 or 192): the work list, built by a few small XLA ops, has one item per tile (padding tokens form one more sequence with no keys, so
-  they come out as zeros); items are ordered longest-first so the causal tail is short.
+  (128 or 192): the work list, built by a few small XLA ops, has one item per tile (padding
+  tokens form one more sequence with no keys, so they come out as zeros); items are ordered
+  longest-first so the causal tail is short.
 - One CTA per (query head, work item). Compute warpgroups take 64 rows each; one more streams
   K/V pages with TMA (one copy per page, `stages` steps of 128 keys in flight) for all of them,
   reading page numbers from the sequence's block-table row, copied into shared memory once.
@@ -193,8 +194,9 @@ def _prefill_call(
 
         @pl.when(wg < wgs)
         def _compute():
-            # A CTA of 4 warpgroups launches with 128 registers per thread and `setmaxnreg` only
-            # moves them within that pool: 3 x 160 + 32 for the TMA warpgroup fill it.
+            # A CTA launches with the register file split evenly (168 per thread with 3
+            # warpgroups, 128 with 4) and `setmaxnreg` only moves registers within that pool:
+            # 2 x 232 + 40 = 3 x 168, 3 x 160 + 32 = 4 x 128 (the TMA warpgroup's share last).
             plgpu.set_max_registers(232 if wgs == 2 else 160, action="increase")
             a, b, pos0 = rows_of(wg)
             n_mine = kv_steps(kv_end(wg), bk)
