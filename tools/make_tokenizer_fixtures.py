@@ -250,6 +250,12 @@ def _train_spm(prefix: Path, **options: Any) -> None:
         **options,
     )
     prefix.with_suffix(".vocab").unlink()
+    # The trainer records its output path in the model: keep only the name.
+    model = prefix.with_suffix(".model")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.trainer_spec.model_prefix = prefix.name
+    model.write_bytes(proto.SerializeToString())
 
 
 def _sentencepiece_reference(model: Path, texts: list[str]) -> list[dict]:
