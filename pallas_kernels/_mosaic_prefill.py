@@ -232,6 +232,23 @@ def _prefill_call(
                 plgpu.commit_smem()
                 return p_smem.at[wg]
 
+            def pv_into(acc, p16, slot, then=lambda: None):
+                """acc + P·V from K/V slot `slot`, calling `then` right after the issue. The
+                interpreter's accumulators start at zero, so there the product is added."""
+                p_op = p_operand(p16)
+
+                def pv(o_ref):
+                    plgpu.wgmma(o_ref, p_op, v_smem.at[slot])
+                    then()
+
+                def pv_interpreted(o_ref):
+                    pv(o_ref)
+                    return o_ref[...]
+
+                if interpret:
+                    return acc + pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
+                return pl.run_state(pv)(plgpu.ACC.init(acc))
+
             def release(j):
                 # Step j is only other warpgroups' work: give its slots back unread. Waiting
                 # for the data first keeps this warpgroup from arriving twice on a slot before
@@ -298,21 +315,10 @@ def _prefill_call(
                     # Ping-pong: the other warpgroup's matmuls run while this one does softmax.
                     plgpu.barrier_arrive(order)
 
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                    def pv_interpreted(acc_ref):  # the interpreter's accumulators start at 0
-                        plgpu.wgmma(acc_ref, p_operand(p16), v_smem.at[slot])
-                        return acc_ref[...]
-
                     with jax.named_scope("pv"):
                         plgpu.barrier_wait(v_bar.at[slot])
                         plgpu.barrier_wait(order)
-                        if interpret:
-                            o = pl.run_scoped(pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32))
-                            acc = acc + o
-                        else:
-                            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                        acc = pv_into(acc, p16, slot)
                     plgpu.barrier_arrive(v_free.at[slot])
                     return acc, m_i, l_i
 
@@ -399,22 +405,7 @@ def _prefill_call(
                     sv = lax.rem(j, stages)
                     plgpu.barrier_wait(v_bar.at[sv])
                     plgpu.barrier_wait(order.at[wg])
-                    p_op = p_operand(p16)
-
-                    def pv(o_ref):
-                        plgpu.wgmma(o_ref, p_op, v_smem.at[sv])
-                        pass_turn()
-
-                    def pv_interpreted(o_ref):
-                        pv(o_ref)
-                        return o_ref[...]
-
-                    if interpret:
-                        acc = acc + pl.run_scoped(
-                            pv_interpreted, plgpu.ACC((WG_ROWS, d), jnp.float32)
-                        )
-                    else:
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    acc = pv_into(acc, p16, sv, then=pass_turn)
                     plgpu.barrier_arrive(v_free.at[sv])
                     return acc, l_i
 
